@@ -1,0 +1,473 @@
+"""
+The Qwen-Image MMDiT, the denoiser of UniPic 3.0 (paper §4.2, Fig. 3), in one file.
+
+A stack of dual-stream blocks: text tokens and image tokens keep their own weights (modulation, projections,
+MLPs) but meet in one joint attention, text first. The image stream is the unified sequence of Eq. 7,
+[target ‖ ref_1 ‖ … ‖ ref_K], and the shape descriptors H of Eq. 8 place every image in 3-D RoPE space
+(MSRoPE): frame index = image index, rows/cols centred per image, text after the largest half-extent.
+
+Unlike the reference implementation, every sample of a batch carries its own H: samples with different
+target sizes and different numbers of references share one forward, and padding rows / padded text tokens
+are masked out of attention, so they change no real row.
+
+Parameter names are the official ones (`transformer/config.json` + `diffusion_pytorch_model*.safetensors`),
+so `load_mmdit` is a strict `load_state_dict` with no renaming.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# stateless helpers: timestep embedding, RMSNorm math, MSRoPE
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """t [B] σ in [0, 1] → [B, dim] sinusoid of 1000·σ, cos first (official: flip_sin_to_cos, shift 0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000 * (t.float()[:, None] * freqs[None])  # the official order: (t · f) · 1000, in fp32
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_angles(shapes, N, L, axes_dims, theta=10000, device=None):
+    """MSRoPE positions → rotation angles, per sample (Eq. 8 in action).
+
+    shapes: B lists of (h, w) token grids, target first. Returns img [B, N, Dh/2] and txt [B, L, Dh/2] angles,
+    laid out [frame | row | col] with axes_dims[a]/2 frequencies each. Padding rows get position 0."""
+    invs = [1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float32, device=device) / d) for d in axes_dims]
+    img_pos = torch.zeros(len(shapes), N, 3, dtype=torch.long, device=device)
+    txt_pos = torch.zeros(len(shapes), L, 3, dtype=torch.long, device=device)
+    for b, hw in enumerate(shapes):
+        start = 0
+        for idx, (h, w) in enumerate(hw):
+            rows = torch.arange(h, device=device) - (h - h // 2)  # centred: -(h - h//2) .. h//2 - 1
+            cols = torch.arange(w, device=device) - (w - w // 2)
+            grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(h * w, 2)
+            img_pos[b, start : start + h * w, 0] = idx  # frame axis = image index (0 = target)
+            img_pos[b, start : start + h * w, 1:] = grid
+            start += h * w
+        M = max(max(h // 2, w // 2) for h, w in hw)  # text starts after the largest image half-extent
+        txt_pos[b] = (M + torch.arange(L, device=device))[:, None]
+    angles = lambda pos: torch.cat([pos[..., a, None].float() * invs[a] for a in range(3)], dim=-1)
+    return angles(img_pos), angles(txt_pos)
+
+
+def apply_rope(x, freqs):
+    """Rotate interleaved pairs (x[2k], x[2k+1]) as complex numbers — not the rotate-half convention.
+    x [B, S, H, Dh]; freqs [B, S, 1, Dh/2] complex64 = exp(i·angle). Math in fp32, result in x's dtype."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+
+
+def layer_norm(x, eps=1e-6):
+    """LayerNorm without affine weights (the official img_norm*/txt_norm*/norm_out.norm have none)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # official casts: statistics in fp32; the normalised x is cast to a low-precision weight's dtype
+        y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            y = y.to(self.weight.dtype)
+        return y * self.weight
+
+
+# -----------------------------------------------------------------------------
+# LoRA: extra low-rank weights on chosen Linears, official names kept for the base weights
+
+
+class LoRALinear(nn.Module):
+    """y = x Wᵀ + b + (α/r)·x Aᵀ Bᵀ. Takes over a Linear's `weight`/`bias` (same names) and adds `lora_A/B`."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # the official LoRA experiments' set
+
+
+def add_lora(model, rank, alpha, targets=LORA_TARGETS):
+    """Wrap every Linear whose name ends in one of `targets`; freeze everything else. Returns the LoRA params."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple(targets))]
+    if not names:
+        raise ValueError(f"no Linear matches the LoRA targets {list(targets)}")
+    for n in names:
+        parent, leaf = model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
+        parent._modules[leaf] = LoRALinear(parent._modules[leaf], rank, alpha)
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LoRALinear back into a plain Linear (W += (α/r)·B A), leaving official keys only."""
+    for n, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            lin = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(m.weight + m.scale * (m.lora_B @ m.lora_A).to(m.weight.dtype))
+            lin.bias = m.bias
+            parent, leaf = model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
+            parent._modules[leaf] = lin
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the dual-stream block
+
+
+class GELUProj(nn.Module):  # official `net.0`: a Linear followed by tanh-GELU
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class MLP(nn.Module):
+    # official `img_mlp.net` = [GELU(proj), Dropout, Linear]; Identity stands where the dropout (p=0) was
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(GELUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class JointAttention(nn.Module):  # the weights; the computation is written out in Block.forward
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, head_dim = heads, dim // heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # official `to_out.0`
+        self.to_add_out = nn.Linear(dim, dim)
+
+
+class Block(nn.Module):
+    """One dual-stream MMDiT block: AdaLN-modulated attention and MLP for each stream, attention joint."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # (shift, scale, gate) × 2
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn = JointAttention(dim, heads)
+        self.img_mlp, self.txt_mlp = MLP(dim), MLP(dim)
+
+    def forward(self, img, txt, vec, pe, mask):
+        # img [B, N, D], txt [B, L, D], vec [B, D]; pe = (img, txt) rotations; mask [B, 1, 1, L+N] or None
+        B, N, D = img.shape
+        L, H, a = txt.shape[1], self.attn.heads, self.attn
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)[:, None].chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)[:, None].chunk(6, dim=-1)
+
+        # joint attention: project each stream, QK-RMSNorm, rotate, concatenate text first, one SDPA, split
+        x = layer_norm(img) * (1 + i_scale1) + i_shift1
+        c = layer_norm(txt) * (1 + t_scale1) + t_shift1
+        q = apply_rope(a.norm_q(a.to_q(x).view(B, N, H, -1)), pe[0])
+        k = apply_rope(a.norm_k(a.to_k(x).view(B, N, H, -1)), pe[0])
+        v = a.to_v(x).view(B, N, H, -1)
+        tq = apply_rope(a.norm_added_q(a.add_q_proj(c).view(B, L, H, -1)), pe[1])
+        tk = apply_rope(a.norm_added_k(a.add_k_proj(c).view(B, L, H, -1)), pe[1])
+        tv = a.add_v_proj(c).view(B, L, H, -1)
+        q, k, v = (torch.cat(p, dim=1).transpose(1, 2) for p in ((tq, q), (tk, k), (tv, v)))  # [B, H, L+N, Dh]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).to(q.dtype)
+        img = img + i_gate1 * a.to_out[0](o[:, L:])
+        txt = txt + t_gate1 * a.to_add_out(o[:, :L])
+
+        img = img + i_gate2 * self.img_mlp(layer_norm(img) * (1 + i_scale2) + i_shift2)
+        txt = txt + t_gate2 * self.txt_mlp(layer_norm(txt) * (1 + t_scale2) + t_shift2)
+        if img.dtype == torch.float16:  # official overflow guard, a no-op in bf16 / fp32
+            img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
+        return img, txt
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class MMDiTConfig:
+    """Field names are the official `transformer/config.json` keys; defaults are the released 20B model."""
+
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple = (16, 56, 56)
+
+    @property
+    def dim(self):
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        # metadata ("_class_name", ...), the documented-unused pooled_projection_dim, and flags left at their
+        # off default are accepted; anything the model would have to implement is refused loudly.
+        bad = [k for k, v in d.items() if k not in known and not k.startswith("_") and k != "pooled_projection_dim" and v]
+        if bad or d.get("guidance_embeds"):
+            raise ValueError(f"unsupported transformer config options: {bad or ['guidance_embeds']}")
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.axes_dims_rope = tuple(cfg.axes_dims_rope)
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}")
+        return cfg
+
+
+PRESETS = {
+    "qwen-image": MMDiTConfig(),  # Qwen-Image(-Edit) and all UniPic-3 checkpoints
+    # the toy world's denoiser: same architecture, 4 blocks of width 192 (≈ 5.6M params)
+    "toy": MMDiTConfig(num_layers=4, attention_head_dim=32, num_attention_heads=6, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)),
+}
+
+
+class TimestepEmbedder(nn.Module):  # official `time_text_embed.timestep_embedder`
+    def __init__(self, dim):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(256, dim), nn.Linear(dim, dim)
+
+    def forward(self, e):
+        return self.linear_2(F.silu(self.linear_1(e)))
+
+
+class OutNorm(nn.Module):  # official `norm_out`: AdaLN with (scale, shift) — scale first, unlike the blocks
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, vec):
+        scale, shift = self.linear(F.silu(vec).to(x.dtype))[:, None].chunk(2, dim=-1)
+        return layer_norm(x) * (1 + scale) + shift
+
+
+class MMDiT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, D = cfg, cfg.dim
+        self.time_text_embed = nn.Module()
+        self.time_text_embed.timestep_embedder = TimestepEmbedder(D)
+        self.txt_norm = RMSNorm(cfg.joint_attention_dim)
+        self.img_in = nn.Linear(cfg.in_channels, D)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, D)
+        self.transformer_blocks = nn.ModuleList([Block(D, cfg.num_attention_heads) for _ in range(cfg.num_layers)])
+        self.norm_out = OutNorm(D)
+        self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
+        self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def init_weights(self):
+        """From-scratch init (DiT style): Xavier Linears, zero AdaLN modulation and output, so each block
+        starts as the identity and the model starts predicting 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for blk in self.transformer_blocks:
+            for lin in (blk.img_mod[1], blk.txt_mod[1]):
+                nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+        for lin in (self.norm_out.linear, self.proj_out):
+            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.time_text_embed.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.time_text_embed.timestep_embedder.linear_2.weight, std=0.02)
+        return self
+
+    def forward(self, x, shapes, txt, txt_mask, t):
+        """x [B, N, in_channels] unified sequences (target first, zero-padded); shapes: B lists of (h, w);
+        txt [B, L, joint_attention_dim]; txt_mask [B, L] bool (True = real); t [B] σ in [0, 1].
+        Returns [B, N, patch²·out_channels]: a prediction for every image row (zero on padding rows)."""
+        B, N, _ = x.shape
+        L = txt.shape[1]
+        self._check(x, shapes, txt, txt_mask, t)
+        lens = torch.tensor([sum(h * w for h, w in hw) for hw in shapes], device=x.device)
+        img_mask = torch.arange(N, device=x.device)[None] < lens[:, None]  # [B, N]
+        keep = torch.cat([txt_mask.bool(), img_mask], dim=1)  # keys to attend to, text first
+        mask = None if bool(keep.all()) else keep[:, None, None, :]
+
+        img = self.img_in(x)
+        t = t.to(img.dtype)  # official: σ in the activation dtype before the sinusoid (bf16 quantises it)
+        vec = self.time_text_embed.timestep_embedder(timestep_embedding(t).to(img.dtype))
+        txt = self.txt_in(self.txt_norm(txt))
+        img_ang, txt_ang = rope_angles(shapes, N, L, self.cfg.axes_dims_rope, device=x.device)
+        pe = tuple(torch.polar(torch.ones_like(a), a)[:, :, None] for a in (img_ang, txt_ang))
+
+        for blk in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                img, txt = checkpoint(blk, img, txt, vec, pe, mask, use_reentrant=False)
+            else:
+                img, txt = blk(img, txt, vec, pe, mask)
+        out = self.proj_out(self.norm_out(img, vec))
+        return out * img_mask[..., None].to(out.dtype)
+
+    def _check(self, x, shapes, txt, txt_mask, t):
+        B, N, C = x.shape
+        if C != self.cfg.in_channels:
+            raise ValueError(f"x has {C} channels, the model takes in_channels={self.cfg.in_channels}")
+        if len(shapes) != B:
+            raise ValueError(f"shapes has {len(shapes)} entries for a batch of {B}")
+        for b, hw in enumerate(shapes):
+            n = sum(h * w for h, w in hw)
+            if not hw or n > N:
+                raise ValueError(f"sample {b}: shapes {list(hw)} describe {n} tokens but x has {N} rows")
+        if txt.shape[:1] != (B,) or txt.shape[-1] != self.cfg.joint_attention_dim:
+            raise ValueError(f"txt is {tuple(txt.shape)}, expected [{B}, L, {self.cfg.joint_attention_dim}]")
+        if txt_mask.shape != txt.shape[:2]:
+            raise ValueError(f"txt_mask is {tuple(txt_mask.shape)}, expected {tuple(txt.shape[:2])}")
+        if t.shape != (B,):
+            raise ValueError(f"t is {tuple(t.shape)}, expected [{B}]")
+
+
+# -----------------------------------------------------------------------------
+# loading and saving official diffusers-layout folders
+
+WEIGHTS = "diffusion_pytorch_model"
+
+
+def _first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _checkpoint_files(folder):
+    """The weight files of a transformer folder: sharded safetensors (index), one safetensors, or the .bin."""
+    index = os.path.join(folder, WEIGHTS + ".safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            weight_map = json.load(open(index))["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid index ({_first_line(e)})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+        if missing:
+            raise ValueError(f"{folder}: shards listed in the index are missing: {missing}")
+        return [os.path.join(folder, f) for f in files]
+    for name in (WEIGHTS + ".safetensors", WEIGHTS + ".bin"):
+        if os.path.exists(os.path.join(folder, name)):
+            return [os.path.join(folder, name)]
+    raise ValueError(f"{folder}: no {WEIGHTS}.safetensors(.index.json) or {WEIGHTS}.bin found")
+
+
+def _open_weights(path):
+    """→ {name: tensor-or-lazy-handle}, shapes readable without loading the data."""
+    try:
+        if path.endswith(".bin"):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        from safetensors import safe_open
+
+        f = safe_open(path, framework="pt", device="cpu")
+        return {k: f.get_slice(k) for k in f.keys()} | {"__file__": f}
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights ({_first_line(e)})") from None
+
+
+def check_state_keys(expected, found, where):
+    """Compare {name: shape} dicts; one error listing every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}" if missing else "",
+                 f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}" if unexpected else "",
+                 "wrong shape " + ", ".join(f"{k} {tuple(found[k])}≠{tuple(expected[k])}" for k in shapes[:8]) if shapes else ""]
+        raise ValueError(f"{where}: state dict does not match the model: " + "; ".join(p for p in parts if p))
+
+
+def load_mmdit(path, dtype=None, device="cpu"):
+    """Load an official (or our own) transformer folder. dtype=None keeps the stored dtype.
+
+    The model is built on the meta device and each shard is assigned into it as it is read, so peak
+    memory is the model plus one tensor, never two copies of a 20B checkpoint."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"{path}: no config.json (expected a diffusers-layout transformer folder)")
+    try:
+        cfg = MMDiTConfig.from_dict(json.load(open(cfg_path)))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: unreadable config ({_first_line(e)})") from None
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    files = _checkpoint_files(path)
+    opened = [_open_weights(f) for f in files]
+    found = {k: (v.get_shape() if hasattr(v, "get_shape") else v.shape) for o in opened for k, v in o.items() if k != "__file__"}
+    check_state_keys({k: v.shape for k, v in model.state_dict().items()}, found, path)
+    for f, o in zip(files, opened):
+        sd = {}
+        for k, v in o.items():
+            if k == "__file__":
+                continue
+            try:
+                v = v[:] if hasattr(v, "get_shape") else v
+            except Exception as e:
+                raise ValueError(f"{f}: cannot read tensor {k} ({_first_line(e)})") from None
+            sd[k] = v.to(device=device, dtype=dtype or v.dtype)
+        model.load_state_dict(sd, strict=False, assign=True)
+    return model.eval()
+
+
+def _atomic(write, final):
+    tmp = final + ".tmp"
+    write(tmp)
+    os.replace(tmp, final)
+
+
+def save_mmdit(model, path, max_shard_bytes=5 * 2**30):
+    """Write config.json + safetensors shards (+ index when more than one), each file atomically.
+    The folder loads with `load_mmdit` and with diffusers' QwenImageTransformer2DModel.from_pretrained."""
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    if any(".lora_" in k for k in sd):
+        raise ValueError("model has LoRA weights; call merge_lora(model) before save_mmdit")
+    os.makedirs(path, exist_ok=True)
+    shards, size = [[]], 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    n = len(shards)
+    names = [f"{WEIGHTS}.safetensors"] if n == 1 else [f"{WEIGHTS}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    config = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1", **asdict(model.cfg)}
+    config["axes_dims_rope"] = list(config["axes_dims_rope"])
+    _atomic(lambda p: json.dump(config, open(p, "w"), indent=2), os.path.join(path, "config.json"))
+    for keys, name in zip(shards, names):
+        tensors = {k: sd[k].detach().contiguous().cpu() for k in keys}
+        _atomic(lambda p: save_file(tensors, p, metadata={"format": "pt"}), os.path.join(path, name))
+    index = os.path.join(path, f"{WEIGHTS}.safetensors.index.json")
+    if n > 1:
+        weight_map = {k: name for keys, name in zip(shards, names) for k in keys}
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        _atomic(lambda p: json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, open(p, "w"), indent=2), index)
+    # drop files of an earlier save that the new one does not use (a stale index would shadow the new weights)
+    for f in os.listdir(path):
+        if f.startswith(WEIGHTS) and f not in names and not (n > 1 and f == os.path.basename(index)):
+            os.remove(os.path.join(path, f))
+    return path
