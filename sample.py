@@ -1,0 +1,331 @@
+"""
+Sample UniPic 3.0: edit one image or compose 1–6 images from an instruction.
+
+    python sample.py --steps 8                               # the embedded toy model and a built-in toy example
+    python sample.py --ckpt Skywork/Unipic3 --images a.png b.png --prompt "The man from Image1 holds the cup from Image2" \
+        --steps 50 --cfg 4 --device cuda                     # the official teacher: Euler, true CFG
+    python sample.py --ckpt Skywork/Unipic3 --transformer Unipic3-DMD/ema_transformer --steps 8 ...   # few-step
+
+Two samplers, exactly as the official code runs them (reference/unipic3_official.md §3):
+  euler    the teacher: Euler on the flow ODE over the scheduler's sigmas (dynamic exponential shift with μ from
+           the target token count, stretched to end at 0.02, then 0), true CFG with a per-token norm rescale;
+  fewstep  CM / DMD students: predict x0 = x_t − t·v, then re-noise x = (1 − t')·x0 + t'·ε with fresh ε, over
+           t = shift·s / (1 + (shift − 1)·s), s = linspace(1, 0, N+1).
+Reference tokens stay clean at every step; only the target rows of the unified sequence are denoised.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+import model as M
+from pack import collate, image_to_tensor, joint_resize, pack, pad_text, tensor_to_image, to_rgb, unpack, unified_sequence
+
+TOY_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+
+# -----------------------------------------------------------------------------
+# schedules
+
+
+@dataclass
+class SchedulerConfig:
+    """The fields of the official `scheduler/scheduler_config.json` that sampling reads (Qwen-Image values)."""
+
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift_terminal: float = 0.02
+    time_shift_type: str = "exponential"
+
+    @classmethod
+    def from_folder(cls, root):
+        path = os.path.join(root, "scheduler", "scheduler_config.json")
+        if not os.path.exists(path):
+            return cls()
+        d = json.load(open(path))
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def calculate_mu(seq_len, sc):
+    """μ grows linearly with the number of *target* tokens (references are not counted)."""
+    m = (sc.max_shift - sc.base_shift) / (sc.max_image_seq_len - sc.base_image_seq_len)
+    return seq_len * m + sc.base_shift - m * sc.base_image_seq_len
+
+
+def shift_value(mu, sc):
+    if sc.time_shift_type == "exponential":
+        return math.exp(mu)
+    if sc.time_shift_type == "linear":
+        return mu
+    raise ValueError(f"unknown time_shift_type {sc.time_shift_type!r}")
+
+
+def teacher_sigmas(steps, seq_len, sc):
+    """N+1 sigmas of the teacher (the flow-match Euler scheduler, computed in fp32 as it does):
+    linspace(1, 1/N, N) → shift → stretch so the last is shift_terminal → append 0."""
+    s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float()
+    shift = shift_value(calculate_mu(seq_len, sc), sc)
+    s = torch.full_like(s, shift) / (shift + (1 / s - 1))  # (a tensor numerator: python/tensor would be recip·mul)
+    if sc.shift_terminal:
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - sc.shift_terminal))
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def fewstep_times(steps, seq_len, sc):
+    """N+1 times of the CM/DMD sampler: t = shift·s / (1 + (shift − 1)·s) over s = linspace(1, 0, N+1), float64."""
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    shift = shift_value(calculate_mu(seq_len, sc), sc)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def cfg_combine(v_c, v_u, scale):
+    """True CFG with the per-token norm rescale: comb = v_u + w·(v_c − v_u), then |comb| := |v_c| per token."""
+    comb = v_u + scale * (v_c - v_u)
+    return comb * (v_c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+
+
+# -----------------------------------------------------------------------------
+# the denoising loop on the unified sequence
+
+
+@torch.no_grad()
+def denoise(model, refs, target_hw, txt, txt_mask, neg=None, neg_mask=None, *, steps, cfg=4.0, sampler="euler",
+            generator=None, sched=None, noise=None, progress=False):
+    """Sample target latents for a batch whose samples may differ in size and number of references.
+
+    refs: B lists of normalised reference latents [C, H_k, W_k]; target_hw: B (h, w) target token grids;
+    txt/txt_mask: the instruction embeddings [B, L, D] / [B, L]; neg/neg_mask: those of the negative prompt " "
+    (same images), used when cfg > 1. noise: optional B initial target token tensors [h·w, 4C].
+    Returns B tensors [h·w, 4C]: the denoised target tokens."""
+    sched = sched or SchedulerConfig()
+    param = next(model.parameters())
+    dtype, device, B = param.dtype, param.device, len(target_hw)
+    C = model.cfg.in_channels // 4
+    if noise is None:
+        noise = [pack(torch.randn(1, C, 2 * h, 2 * w, generator=generator))[0] for h, w in target_hw]
+    seqs, shapes = [], []
+    for b, (h, w) in enumerate(target_hw):
+        s, hw = unified_sequence(unpack(noise[b][None], h, w)[0], refs[b])
+        seqs.append(s.to(device, dtype))
+        shapes.append(hw)
+    x = collate(seqs, shapes)  # [B, N, 4C]
+    n_tgt = torch.tensor([h * w for h, w in target_hw], device=device)
+    tgt = (torch.arange(x.shape[1], device=device)[None] < n_tgt[:, None])[..., None]  # [B, N, 1]
+
+    use_cfg = cfg > 1 and neg is not None
+    if use_cfg:  # one forward for both branches: the same image rows, text = [cond; uncond]
+        txt, txt_mask = pad_text([e[m] for e, m in zip(txt, txt_mask)] + [e[m] for e, m in zip(neg, neg_mask)])
+        shapes = shapes + shapes
+    txt = txt.to(device, dtype)
+    txt_mask = txt_mask.to(device)
+    make = teacher_sigmas if sampler == "euler" else fewstep_times
+    times = torch.stack([make(steps, h * w, sched) for h, w in target_hw]).to(device)  # [B, N+1]
+
+    for i in tqdm(range(steps), disable=not progress, desc=sampler):
+        if sampler == "euler":  # official: σ·1000 in the latent dtype, then /1000
+            t = (times[:, i].float() * 1000).to(dtype) / 1000
+        else:  # official few-step: t in the latent dtype, used both as model input and in x0 = x − t·v
+            t = times[:, i].to(dtype)
+        xin = torch.cat([x, x]) if use_cfg else x
+        v = model(xin, shapes, txt, txt_mask, torch.cat([t, t]) if use_cfg else t)
+        if use_cfg:
+            v = cfg_combine(*v.chunk(2), cfg)
+        if sampler == "euler":
+            dt = (times[:, i + 1] - times[:, i]).float()[:, None, None]
+            x_new = (x.float() + dt * v.float()).to(v.dtype)
+        else:
+            x0 = x - t[:, None, None] * v
+            t_next = times[:, i + 1].to(dtype)[:, None, None]
+            fresh = torch.randn(x.shape, generator=generator).to(device, dtype)
+            x_new = (1 - t_next) * x0 + t_next * fresh
+        x = torch.where(tgt, x_new, x)  # references stay clean
+    return [x[b, : h * w] for b, (h, w) in enumerate(target_hw)]
+
+
+# -----------------------------------------------------------------------------
+# the pipeline: components from an official-layout folder, images in, images out
+
+
+@dataclass
+class Pipeline:
+    transformer: M.MMDiT
+    vae: object
+    text_encoder: object
+    sched: SchedulerConfig
+    pixel_budget: int = 1024 * 1024  # the joint budget of the inputs, and the default output area
+    sampler: str = "euler"  # what the transformer was trained for: "euler" (teacher) or "fewstep" (CM / DMD)
+    device: str = "cpu"
+
+
+def checkpoint_kind(transformer_dir):
+    """CM/DMD students are run with the few-step sampler. Their configs name the run they came from."""
+    cfg = json.load(open(os.path.join(transformer_dir, "config.json")))
+    name = (cfg.get("_name_or_path") or "") + " " + (cfg.get("_nanounipic_kind") or "")
+    return "fewstep" if any(k in name.lower() for k in ("dmd", "-cm", "_cm", "consistency", "fewstep")) else "euler"
+
+
+def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
+    """ckpt: a pipeline root (transformer/ vae/ text_encoder/ tokenizer/ processor/ scheduler/);
+    transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer)."""
+    import text_encoder as TE
+    import vae as V
+
+    if not os.path.isdir(ckpt):
+        raise ValueError(f"checkpoint folder {ckpt} does not exist")
+    transformer = transformer or os.path.join(ckpt, "transformer")
+    for part in (transformer, os.path.join(ckpt, "vae"), os.path.join(ckpt, "text_encoder")):
+        if not os.path.isdir(part):
+            raise ValueError(f"checkpoint is missing its {os.path.basename(part)}/ folder ({part})")
+    index = os.path.join(ckpt, "model_index.json")
+    budget = json.load(open(index)).get("nanounipic_pixel_budget", 1024 * 1024) if os.path.exists(index) else 1024 * 1024
+    return Pipeline(
+        transformer=M.load_mmdit(transformer, dtype=dtype, device=device),
+        vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype or torch.float32, device=device),
+        text_encoder=TE.load_text_encoder(ckpt, dtype=dtype or torch.float32, device=device),
+        sched=SchedulerConfig.from_folder(ckpt),
+        pixel_budget=budget,
+        sampler=checkpoint_kind(transformer),
+        device=device,
+    )
+
+
+@torch.no_grad()
+def generate(pipe, prompts, images, *, steps=None, cfg=4.0, sampler=None, seed=0, height=None, width=None,
+             negative=" ", max_images=6, offload_text_encoder=False, progress=True):
+    """prompts: B strings; images: B lists of 1–max_images PIL images (any size and mode).
+    Output size: height × width (multiples of 16), default the square of the pixel budget (1024² officially).
+    Returns B PIL images."""
+    sampler = sampler or pipe.sampler
+    steps = steps or (50 if sampler == "euler" else 8)
+    if sampler not in ("euler", "fewstep"):
+        raise ValueError(f"unknown sampler {sampler!r} (euler or fewstep)")
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    for b, ims in enumerate(images):
+        if not 1 <= len(ims) <= max_images:
+            raise ValueError(f"sample {b} has {len(ims)} input images; 1 to {max_images} are supported")
+    side = int(math.isqrt(pipe.pixel_budget))
+    height, width = height or side, width or side
+    if height < 16 or width < 16:
+        raise ValueError(f"output size {width}x{height} is too small (at least 16x16)")
+    height, width = height // 16 * 16, width // 16 * 16  # official: multiples of vae_scale_factor·2
+    dtype = next(pipe.transformer.parameters()).dtype
+
+    images = [[to_rgb(im) for im in ims] for ims in images]
+    emb, mask = pipe.text_encoder.encode(prompts, images, pixel_budget=pipe.pixel_budget)
+    neg, neg_mask = (None, None)
+    if cfg > 1:
+        neg, neg_mask = pipe.text_encoder.encode([negative] * len(prompts), images, pixel_budget=pipe.pixel_budget)
+    if offload_text_encoder:
+        pipe.text_encoder.to("cpu")
+
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    refs = []
+    for ims in images:  # the joint pixel budget over all inputs of a sample; the posterior mean, normalised
+        xs = [image_to_tensor(im)[None].to(pipe.device, vae_dtype) for im in joint_resize(ims, pipe.pixel_budget)]
+        refs.append([pipe.vae.normalize(pipe.vae.encode(x))[0].to(dtype) for x in xs])
+    g = torch.Generator().manual_seed(seed)
+    hw = [(height // 16, width // 16)] * len(prompts)
+    tokens = denoise(pipe.transformer, refs, hw, emb, mask, neg, neg_mask, steps=steps, cfg=cfg, sampler=sampler,
+                     generator=g, sched=pipe.sched, progress=progress)
+    out = []
+    for tok, (h, w) in zip(tokens, hw):
+        z = pipe.vae.denormalize(unpack(tok[None].to(vae_dtype), h, w))
+        out.append(tensor_to_image(pipe.vae.decode(z)[0]))
+    return out
+
+
+def save_png(img, path):
+    """Write via a temp name and a rename: a failed run never leaves a half-written final file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def grid(inputs, output, size=None):
+    """Inputs then the output, side by side on white, each scaled to the output's height."""
+    from PIL import Image
+
+    H = size or output.height
+    tiles = [im.resize((max(1, round(im.width * H / im.height)), H)) for im in inputs] + [output]
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), H), "white")
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.width + 4
+    return canvas
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def builtin_example():
+    """A held-out toy-world composition case: its inputs, instruction and exact target."""
+    import data
+
+    case = data.ToyWorld(seed=data.EXAMPLE_SEED).sample(0)
+    return case["input_images"], case["instruction"], case["output_image"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=TOY_CKPT, help="pipeline root: transformer/ vae/ text_encoder/ tokenizer/ processor/ (default: the embedded toy model)")
+    p.add_argument("--transformer", help="use this transformer folder instead of CKPT/transformer, e.g. Unipic3-DMD/ema_transformer")
+    p.add_argument("--images", nargs="+", help="1–6 input images (default: a built-in toy example)")
+    p.add_argument("--prompt", help="the instruction; refer to inputs as Image1, Image2, …")
+    p.add_argument("--steps", type=int, help="denoising steps (default 50 for euler, 8 for fewstep)")
+    p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale; 1 disables CFG (4.0 in the official scripts; CFG-distilled students also run well at 1)")
+    p.add_argument("--sampler", choices=["euler", "fewstep"], help="default: from the checkpoint (teacher → euler, CM/DMD → fewstep)")
+    p.add_argument("--seed", type=int, default=0, help="initial (and re-noise) noise seed")
+    p.add_argument("--height", type=int, help="output height in pixels, a multiple of 16 (default: the budget's square, 1024 officially)")
+    p.add_argument("--width", type=int, help="output width in pixels, a multiple of 16")
+    p.add_argument("--out", default="sample.png", help="output PNG")
+    p.add_argument("--grid", action="store_true", help="also write OUT with _grid: the inputs and the output side by side")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after encoding")
+    p.add_argument("--max-images", type=int, default=6, help="the most input images accepted (the paper's limit is 6)")
+    args = p.parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
+    dtype = dtype or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    try:
+        target = None
+        if args.images:
+            from PIL import Image, UnidentifiedImageError
+
+            images = []
+            for f in args.images:
+                try:
+                    with Image.open(f) as im:
+                        im.load()
+                        images.append(im.copy())
+                except (OSError, UnidentifiedImageError) as e:
+                    raise ValueError(f"cannot read image {f}: {str(e).splitlines()[0]}") from None
+            prompt = args.prompt or "Combine the reference images to generate the final result."
+        else:
+            images, prompt, target = builtin_example()
+            prompt = args.prompt or prompt
+        pipe = load_pipeline(args.ckpt, args.transformer, dtype=dtype, device=args.device)
+        out = generate(pipe, [prompt], [images], steps=args.steps, cfg=args.cfg, sampler=args.sampler, seed=args.seed,
+                       height=args.height, width=args.width, max_images=args.max_images,
+                       offload_text_encoder=args.offload_text_encoder)[0]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    save_png(out, args.out)
+    print(f"prompt: {prompt}\nwrote {args.out} ({out.width}x{out.height})")
+    if args.grid:
+        g = grid(images + ([target] if target is not None else []), out)
+        save_png(g, os.path.splitext(args.out)[0] + "_grid.png")
+
+
+if __name__ == "__main__":
+    main()

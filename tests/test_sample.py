@@ -1,0 +1,143 @@
+"""sample.py: the official schedules and the denoising loop, against diffusers' scheduler + transformer + the
+CFG formula (a reference loop written the way the official pipeline runs), and against analytic velocities."""
+import pytest
+import torch
+
+import model as M
+import sample as S
+from pack import pack
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def official_scheduler():
+    return diffusers.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (1376, 768), (512, 512), (128, 128), (832, 1248)])
+@pytest.mark.parametrize("steps", [50, 40, 8])
+def test_teacher_sigmas_equal_the_scheduler(size, steps):
+    import numpy as np
+
+    seq = (size[0] // 16) * (size[1] // 16)
+    sc = official_scheduler()
+    sc.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=S.calculate_mu(seq, S.SchedulerConfig()))
+    ours = S.teacher_sigmas(steps, seq, S.SchedulerConfig())
+    assert ours.dtype == torch.float32 and len(ours) == steps + 1
+    assert torch.equal(ours, sc.sigmas)  # bit-identical: the same fp32 operations in the same order
+
+
+def test_fewstep_times_official_worked_list():
+    """reference/unipic3_official.md §3.4: 1024², 8 steps."""
+    t = S.fewstep_times(8, 4096, S.SchedulerConfig())
+    expect = [1.0, 0.93336, 0.85719, 0.76930, 0.66676, 0.54555, 0.40010, 0.22229, 0.0]
+    assert max(abs(a - b) for a, b in zip(t.tolist(), expect)) < 1e-5
+    assert abs(S.calculate_mu(4096, S.SchedulerConfig()) - 0.693548) < 1e-6
+    assert S.fewstep_times(4, 4096, S.SchedulerConfig()).tolist()[1:4] == pytest.approx([0.85719, 0.66676, 0.40010], abs=1e-5)
+
+
+CFG = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), in_channels=16, out_channels=4)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    torch.manual_seed(0)
+    ref = diffusers.QwenImageTransformer2DModel(**CFG)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * (0.05 if p.ndim == 2 else 0.2))
+    folder = tmp_path_factory.mktemp("t")
+    ref.save_pretrained(folder)
+    return ref.eval(), M.load_mmdit(str(folder))
+
+
+def reference_teacher_loop(ref, noise_z, refs_z, txt, neg, steps, cfg):
+    """The official teacher loop, written with diffusers' parts: Euler scheduler, transformer, CFG rescale."""
+    import numpy as np
+
+    C, h, w = noise_z.shape
+    latents = pack(noise_z[None])
+    ref_tok = torch.cat([pack(z[None]) for z in refs_z], dim=1)
+    img_shapes = [[(1, h // 2, w // 2)] + [(1, z.shape[1] // 2, z.shape[2] // 2) for z in refs_z]]
+    sc = official_scheduler()
+    sc.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=S.calculate_mu(latents.shape[1], S.SchedulerConfig()))
+    sc.set_begin_index(0)
+    S0 = latents.shape[1]
+    for t in sc.timesteps:
+        x_in = torch.cat([latents, ref_tok], dim=1)
+        ts = t.expand(1).to(latents.dtype) / 1000
+        with torch.no_grad():
+            v_c = ref(x_in, txt, None, ts, img_shapes=img_shapes).sample[:, :S0]
+            v_u = ref(x_in, neg, None, ts, img_shapes=img_shapes).sample[:, :S0]
+        comb = v_u + cfg * (v_c - v_u)
+        v = comb * (torch.norm(v_c, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        latents = sc.step(v, t, latents, return_dict=False)[0]
+    return latents[0]
+
+
+def test_teacher_loop_matches_diffusers_reference(pair):
+    """Same noise, same embeddings: the final latents of our loop equal the reference loop's (fp32, ≤1e-5)."""
+    ref, ours = pair
+    torch.manual_seed(1)
+    noise_z = torch.randn(4, 8, 6)  # target latent: 4×3 token grid
+    refs_z = [torch.randn(4, 4, 10), torch.randn(4, 6, 4)]
+    txt, neg = torch.randn(1, 7, 24), torch.randn(1, 3, 24)
+    expect = reference_teacher_loop(ref, noise_z, refs_z, txt, neg, steps=6, cfg=4.0)
+    got = S.denoise(ours, [refs_z], [(4, 3)], txt, torch.ones(1, 7, dtype=torch.bool), neg, torch.ones(1, 3, dtype=torch.bool),
+                    steps=6, cfg=4.0, sampler="euler", noise=[pack(noise_z[None])[0]])[0]
+    assert (got - expect).abs().max().item() <= 1e-5
+
+
+def test_mixed_batch_denoises_each_sample_as_alone(pair):
+    _, ours = pair
+    torch.manual_seed(2)
+    cases = [([torch.randn(4, 4, 4)], (3, 2), 5), ([torch.randn(4, 6, 2), torch.randn(4, 2, 8)], (2, 4), 9)]
+    noises = [torch.randn(h * w, 16) for _, (h, w), _ in cases]
+    txts = [torch.randn(L, 24) for *_, L in cases]
+    negs = [torch.randn(2, 24) for _ in cases]
+    from pack import pad_text
+
+    txt, mask = pad_text(txts)
+    neg, neg_mask = pad_text(negs)
+    kw = dict(steps=3, cfg=3.0, sampler="euler")
+    batch = S.denoise(ours, [c[0] for c in cases], [c[1] for c in cases], txt, mask, neg, neg_mask, noise=noises, **kw)
+    for b, (r, hw, L) in enumerate(cases):
+        alone = S.denoise(ours, [r], [hw], txts[b][None], torch.ones(1, L, dtype=torch.bool), negs[b][None],
+                          torch.ones(1, 2, dtype=torch.bool), noise=[noises[b]], **kw)[0]
+        assert (batch[b] - alone).abs().max().item() <= 1e-5
+
+
+class ExactVelocity(torch.nn.Module):
+    """A 'model' that knows the answer x0*: v = (x_t − x0*)/t is the exact flow velocity toward x0*."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.cfg = M.MMDiTConfig(in_channels=x0.shape[-1])
+        self.x0 = x0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, shapes, txt, txt_mask, t):
+        n = self.x0.shape[0]
+        v = torch.zeros_like(x)
+        v[:, :n] = (x[:, :n] - self.x0) / t[:, None, None].clamp_min(1e-8)
+        return v
+
+
+@pytest.mark.parametrize("sampler,steps", [("euler", 10), ("fewstep", 8), ("fewstep", 1)])
+def test_samplers_land_on_the_data_under_the_exact_velocity(sampler, steps):
+    """Euler is exact on straight flow paths and x0-predict/re-noise recovers x0* at t=0: any wrong time grid,
+    sign or update rule misses x0*."""
+    torch.manual_seed(3)
+    x0 = torch.randn(6, 16)
+    got = S.denoise(ExactVelocity(x0), [[]], [(2, 3)], torch.zeros(1, 1, 24), torch.ones(1, 1, dtype=torch.bool),
+                    steps=steps, cfg=1.0, sampler=sampler, generator=torch.Generator().manual_seed(0))[0]
+    assert (got - x0).abs().max().item() <= 1e-4
+
+
+def test_cfg_rescale_keeps_the_conditional_norm():
+    v_c, v_u = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    v = S.cfg_combine(v_c, v_u, 4.0)
+    assert torch.allclose(v.norm(dim=-1), v_c.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(S.cfg_combine(v_c, v_u, 1.0), v_c, atol=1e-6)
