@@ -1,0 +1,442 @@
+"""
+The Qwen-Image VAE as a 2-D image autoencoder: 3 x H x W in [-1, 1] <-> 16 x H/8 x W/8 latents.
+
+UniPic 3.0 encodes every reference image and the target with this VAE (paper Eq. 5,
+z_O = f_vae-enc(O), z_k = f_vae-enc(I_k)). The released network is a Wan-2.1-style causal 3-D video VAE
+(diffusers' AutoencoderKLQwenImage). For a single frame it is exactly a 2-D network:
+- every causal Conv3d pads two zero frames in front of the one real frame, so only its last temporal tap
+  ever touches data: it is a Conv2d with kernel weight[:, :, -1] (kT = 1 convs likewise take weight[:, :, 0]);
+- the temporal resample convs (`time_conv`) are skipped on the first frame, so they never run;
+- the channel RMS norms' gamma [C, 1, 1, 1] is the 2-D gamma [C, 1, 1] with a time axis.
+Zeroing every earlier tap changes encode and decode by 0.0, so this file builds the image network and
+`load_vae` applies that reduction to the official weights (same key names, shorter kernels, `time_conv`
+checked and dropped); `save_vae` expands it back so diffusers loads the result and gives the same outputs.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from itertools import cycle
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+CLASS_NAME = "AutoencoderKLQwenImage"
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def tiled(fn, x, tile, overlap, scale):
+    """fn over overlapping tile x tile windows of x [B, C, H, W]; the outputs (scale x the window) are averaged
+    with weights that ramp linearly across each overlap. Every window is full-sized (the last of a row sits
+    flush with the border), so there are no thin edge tiles."""
+    B, _, H, W = x.shape
+
+    def starts(n):
+        s = list(range(0, max(n - tile, 0) + 1, tile - overlap))
+        return s + [n - tile] if s[-1] + tile < n else s
+
+    def ramp(n, rise, fall):  # [n] weights in (0, 1]: ramps over the overlap, except at the image border
+        i, ov = torch.arange(n) + 0.5, overlap * scale
+        w = torch.ones(n)
+        w = torch.minimum(w, i / ov) if rise else w
+        return torch.minimum(w, (n - i) / ov) if fall else w
+
+    out = weight = None
+    for y in starts(H):
+        for x0 in starts(W):
+            t = fn(x[:, :, y:y + tile, x0:x0 + tile])  # [B, C', th, tw]
+            th, tw = t.shape[-2:]
+            w = (ramp(th, y > 0, y + tile < H)[:, None] * ramp(tw, x0 > 0, x0 + tile < W)[None, :]).to(t.device)
+            if out is None:  # accumulate in fp32 whatever the model's dtype
+                out = torch.zeros(B, t.shape[1], round(H * scale), round(W * scale), device=t.device)
+                weight = torch.zeros(out.shape[-2:], device=t.device)
+            oy, ox = round(y * scale), round(x0 * scale)
+            out[:, :, oy:oy + th, ox:ox + tw] += t.float() * w
+            weight[oy:oy + th, ox:ox + tw] += w
+    return (out / weight).to(t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# blocks
+
+
+class RMSNorm(nn.Module):
+    """x / ||x||_channels * sqrt(C) * gamma; the L2 norm is taken in fp32 for half-precision inputs."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1))
+
+    def forward(self, x):  # [B, C, H, W]
+        xn = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=1).to(x.dtype)
+        return xn * (self.scale * self.gamma)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim, out_dim, dropout=0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim)
+        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x):  # [B, in, H, W] -> [B, out, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = F.dropout(F.silu(self.norm2(h)), self.dropout, self.training)
+        return self.conv2(h).add_(self.conv_shortcut(x))  # in place: one image-sized buffer fewer
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions of the image."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):  # [B, C, H, W]
+        B, C, H, W = x.shape
+        qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, 3C]
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # each [B, 1, HW, C]
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+        return x + self.proj(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
+
+
+class Resample(nn.Module):
+    """down: pad right/bottom by 1, 3x3 stride-2 conv (H -> H/2). up: nearest x2, 3x3 conv that halves C.
+    `temporal` records that the official checkpoint also has a `time_conv` here (never run on an image)."""
+
+    def __init__(self, dim, mode, temporal):
+        super().__init__()
+        self.dim, self.mode, self.temporal = dim, mode, temporal
+        if mode == "down":  # index 1 is the official name `resample.1`
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+
+    def forward(self, x):
+        return self.resample(x)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim, dropout):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout), ResidualBlock(dim, dim, dropout)])
+        self.attentions = nn.ModuleList([Attention(dim)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_dim, out_dim, num_res_blocks, dropout, up, temporal):
+        super().__init__()
+        dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
+        self.resnets = nn.ModuleList([ResidualBlock(a, b, dropout) for a, b in zip(dims[:-1], dims[1:])])
+        self.upsamplers = nn.ModuleList([Resample(out_dim, "up", temporal)]) if up else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
+
+# ----------------------------------------------------------------------------------------------------------
+# encoder, decoder, VAE
+
+
+class Encoder(nn.Module):
+    """image [B, 3, H, W] -> moments [B, 2z, H/8, W/8] (before quant_conv)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in [1] + cfg.dim_mult]
+        self.conv_in = nn.Conv2d(cfg.input_channels, dims[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        scale = 1.0
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                self.down_blocks.append(ResidualBlock(in_dim, out_dim, cfg.dropout))
+                if scale in cfg.attn_scales:  # attention after every res block at these scales (1, 1/2, ...)
+                    self.down_blocks.append(Attention(out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                self.down_blocks.append(Resample(out_dim, "down", cfg.temperal_downsample[i]))
+                scale /= 2
+        self.mid_block = MidBlock(dims[-1], cfg.dropout)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = nn.Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(self.mid_block(x))))
+
+
+class Decoder(nn.Module):
+    """latent [B, z, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w], unclamped.
+    Each upsampler halves the channels, so every up block after the first starts at half its input width.
+    Like the official decoder, it has no attention outside the mid block (attn_scales is encoder-only)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in [cfg.dim_mult[-1]] + cfg.dim_mult[::-1]]
+        temporal = cfg.temperal_downsample[::-1]
+        self.conv_in = nn.Conv2d(cfg.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], cfg.dropout)
+        self.up_blocks = nn.ModuleList()
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            up = i < len(cfg.dim_mult) - 1
+            self.up_blocks.append(UpBlock(in_dim // 2 if i > 0 else in_dim, out_dim, cfg.num_res_blocks,
+                                          cfg.dropout, up, up and temporal[i]))
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = nn.Conv2d(dims[-1], cfg.input_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder(cfg)
+        self.factor = 2 ** (len(cfg.dim_mult) - 1)  # spatial downsampling: 8 for the released model
+
+    @property
+    def dtype(self):
+        return self.quant_conv.weight.dtype
+
+    def _check(self, t, channels, name, what):
+        if t.ndim != 4 or t.shape[1] != channels:
+            raise ValueError(f"{name} must be [B, {channels}, H, W] {what}, got shape {tuple(t.shape)}")
+        if t.dtype != self.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but the VAE is {self.dtype}; cast it first")
+
+    def _tiles(self, tile):  # (window, overlap) in image pixels; the overlap tile/4 must be whole latents
+        if tile <= 0 or tile % (4 * self.factor):
+            raise ValueError(f"tile must be a positive multiple of {4 * self.factor} pixels, got {tile}")
+        return tile, tile // 4
+
+    def posterior(self, x, tile=None):
+        """image [B, 3, H, W] in [-1, 1] -> (mean, logvar), each [B, z, H/8, W/8]; logvar clamped as official."""
+        self._check(x, self.cfg.input_channels, "image", "in [-1, 1]")
+        f = self.factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"image height and width must be multiples of {f}, got {tuple(x.shape[-2:])}")
+        encode = lambda x: self.quant_conv(self.encoder(x))  # noqa: E731
+        moments = encode(x) if tile is None else tiled(encode, x, *self._tiles(tile), 1 / f)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    @torch.no_grad()
+    def encode(self, x, sample=False, generator=None, tile=None):
+        """image [B, 3, H, W] in [-1, 1] -> un-normalised latent [B, z, H/8, W/8]: the posterior mean
+        (inference, `sample_mode="argmax"`), or mean + std * noise when sample=True (training).
+        tile: encode in overlapping tile x tile pixel windows (multiple of 32, e.g. 256) to bound memory."""
+        mean, logvar = self.posterior(x, tile)
+        if not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    @torch.no_grad()
+    def decode(self, z, tile=None):
+        """un-normalised latent [B, z, h, w] -> image [B, 3, 8h, 8w] clamped to [-1, 1].
+        tile: decode in overlapping windows of tile x tile image pixels (multiple of 32, e.g. 256)."""
+        self._check(z, self.cfg.z_dim, "latent", "")
+        decode = lambda z: self.decoder(self.post_quant_conv(z))  # noqa: E731
+        f = self.factor
+        x = decode(z) if tile is None else tiled(decode, z, *(n // f for n in self._tiles(tile)), f)
+        return x.clamp(-1.0, 1.0)
+
+    def _stats(self):  # the config's per-channel latents_mean, latents_std as [1, z, 1, 1] fp32 tensors
+        return (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                for v in (self.cfg.latents_mean, self.cfg.latents_std))
+
+    def normalize(self, z):
+        """encode side of the pipeline: (z - mean) / std, with mean and std cast to z's dtype first."""
+        mean, std = self._stats()
+        return (z - mean.to(z.device, z.dtype)) / std.to(z.device, z.dtype)
+
+    def denormalize(self, z):
+        """decode side of the pipeline: z / (1 / std) + mean, the reciprocal taken in fp32, then cast."""
+        mean, std = self._stats()
+        return z / (1.0 / std).to(z.device, z.dtype) + mean.to(z.device, z.dtype)
+
+# ----------------------------------------------------------------------------------------------------------
+# config and presets
+
+
+@dataclass
+class VAEConfig:
+    """Field names are the official vae/config.json keys (including the `temperal` spelling); defaults are
+    the released Qwen-Image VAE: 126.9M parameters in the 3-D checkpoint, 44.6M after the 2-D reduction."""
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: list = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attn_scales: list = field(default_factory=list)
+    temperal_downsample: list = field(default_factory=lambda: [False, True, True])
+    dropout: float = 0.0
+    input_channels: int = 3
+    latents_mean: list = field(default_factory=lambda: [
+        -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921])
+    latents_std: list = field(default_factory=lambda: [
+        2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160])
+
+    @classmethod
+    def toy(cls):
+        """The toy world's VAE for 64-128 px images: the official architecture at base_dim 16 (1.27M parameters,
+        3.6M in 3-D form). Narrow on purpose: on a CPU base_dim 16 reached 26.8 dB PSNR in 1,600 steps at batch
+        16, base_dim 32 only 16 dB. latents_mean/std start neutral; fit_vae measures them."""
+        return cls(base_dim=16, latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+
+    @classmethod
+    def from_json(cls, path):
+        try:
+            with open(path) as fh:
+                d = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if d.get("_class_name", CLASS_NAME) != CLASS_NAME:
+            raise ValueError(f"{path}: _class_name is {d['_class_name']!r}, expected {CLASS_NAME!r}")
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path}: unknown VAE config keys {unknown}")
+        cfg = cls(**d)
+        if not len(cfg.latents_mean) == len(cfg.latents_std) == cfg.z_dim:
+            raise ValueError(f"{path}: latents_mean/latents_std need z_dim = {cfg.z_dim} entries each")
+        return cfg
+
+# ----------------------------------------------------------------------------------------------------------
+# loading and saving the official 3-D layout
+
+
+def official_shapes(vae):
+    """key -> shape in the released 3-D checkpoint for this network. Causal convs and their norms gain a time
+    axis of length kT (= the kernel's spatial size; gamma [C,1,1] -> [C,1,1,1]); resample convs and attention
+    were 2-D there too; each temporal Resample adds a `time_conv` that never runs on a single image."""
+    frame2d = {f"{n}.{k}" for n, m in vae.named_modules() if isinstance(m, (Attention, Resample))
+               for k in m.state_dict()}
+    shapes = {}
+    for k, p in vae.state_dict().items():
+        s = tuple(p.shape)
+        shapes[k] = s if k in frame2d or p.ndim == 1 else s[:2] + (s[2] if p.ndim == 4 else 1,) + s[2:]
+    for n, m in vae.named_modules():
+        if isinstance(m, Resample) and m.temporal:  # down: stride-2 over time; up: 2C = two output frames
+            out = m.dim if m.mode == "down" else 2 * m.dim
+            shapes[f"{n}.time_conv.weight"], shapes[f"{n}.time_conv.bias"] = (out, m.dim, 3, 1, 1), (out,)
+    return shapes
+
+
+def _listed(keys, n=6):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_vae(path, dtype=torch.float32, device="cpu"):
+    """Read an official `vae/` folder (config.json + diffusion_pytorch_model.safetensors) into the 2-D VAE.
+    Keys and 3-D shapes are checked against the config before anything is loaded; each tensor is read,
+    reduced (weight[:, :, -1]) and cast one at a time into a network built on the meta device."""
+    cfg_path, w_path = os.path.join(path, "config.json"), os.path.join(path, WEIGHTS)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"VAE folder {path!r} has no {os.path.basename(p)}")
+    with torch.device("meta"):
+        vae = VAE(VAEConfig.from_json(cfg_path))
+    shapes, state = official_shapes(vae), {}
+    try:
+        with safe_open(w_path, framework="pt", device="cpu") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            missing, unexpected = set(shapes) - set(found), set(found) - set(shapes)
+            wrong = [f"{k} {found[k]} != {shapes[k]}" for k in set(shapes) & set(found) if found[k] != shapes[k]]
+            for k, p in vae.state_dict().items() if not (missing or unexpected or wrong) else ():
+                t = f.get_tensor(k)  # one tensor at a time; the copy frees the 3-D kernel
+                state[k] = (t[:, :, -1] if t.ndim == p.ndim + 1 else t).contiguous()
+    except Exception as e:  # not a safetensors file, truncated, unreadable
+        raise ValueError(f"cannot read {w_path}: {str(e).splitlines()[0]}") from None
+    if missing or unexpected or wrong:
+        raise ValueError(f"{w_path} does not match its config: missing [{_listed(missing)}]; "
+                         f"unexpected [{_listed(unexpected)}]; wrong shape [{_listed(wrong)}]")
+    for k in state:
+        state[k] = state[k].to(device, dtype)
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae.eval()
+
+
+def save_vae(vae, path):
+    """Write the official layout: config.json and the safetensors with every reduced kernel put back on the
+    last temporal tap (earlier taps zero) and zero `time_conv`s, so diffusers' AutoencoderKLQwenImage loads it
+    and gives the same single-image outputs. Both files are written to a temp name, then renamed."""
+    os.makedirs(path, exist_ok=True)
+    sd, state = vae.state_dict(), {}
+    for k, shape in official_shapes(vae).items():
+        p = sd[k].detach().cpu() if k in sd else torch.zeros(shape, dtype=vae.dtype)  # time_conv: zeros
+        state[k] = p.contiguous() if p.ndim == len(shape) else torch.zeros(shape, dtype=p.dtype)
+        if p.ndim + 1 == len(shape):
+            state[k][:, :, -1] = p
+    w_path, cfg_path = os.path.join(path, WEIGHTS), os.path.join(path, "config.json")
+    save_file(state, w_path + ".tmp", metadata={"format": "pt"})
+    os.replace(w_path + ".tmp", w_path)
+    with open(cfg_path + ".tmp", "w") as fh:
+        json.dump({"_class_name": CLASS_NAME, **asdict(vae.cfg)}, fh, indent=2)
+    os.replace(cfg_path + ".tmp", cfg_path)
+
+# ----------------------------------------------------------------------------------------------------------
+# fitting a small VAE on toy images
+
+
+def fit_vae(vae, batches, steps=1600, lr=1e-3, batch=16, kl_weight=1e-6, seed=0, progress=True):
+    """Train `vae` in place: L1 + MSE reconstruction of decoded posterior samples + kl_weight * KL(q || N(0, I)).
+    batches: a callable batch_size -> images [B, 3, H, W] in [-1, 1], or an iterable of such batches.
+    Afterwards sets cfg.latents_mean/std from the posterior means of 8 fresh batches, and returns metrics
+    (last-step losses, PSNR in dB of the posterior-mean reconstruction of one fresh batch)."""
+    it, w = (None if callable(batches) else cycle(batches)), vae.quant_conv.weight
+    next_batch = lambda: (batches(batch) if it is None else next(it)).to(w.device, w.dtype)  # noqa: E731
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(steps), desc="fit_vae", disable=not progress)
+    for _ in bar:
+        x = next_batch()
+        mean, logvar = vae.posterior(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean)
+        rec = vae.decoder(vae.post_quant_conv(z))  # [B, 3, H, W], unclamped so gradients flow everywhere
+        l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = l1 + mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(l1=f"{l1.item():.4f}", mse=f"{mse.item():.4f}", kl=f"{kl.item():.1f}")
+    vae.eval()
+    z = torch.cat([vae.encode(next_batch()) for _ in range(8)])  # [8B, z, h, w]
+    vae.cfg.latents_mean = z.float().mean(dim=(0, 2, 3)).tolist()
+    vae.cfg.latents_std = z.float().std(dim=(0, 2, 3)).tolist()
+    x = next_batch()
+    mse_eval = (vae.decode(vae.encode(x)) - x).float().pow(2).mean().item()
+    psnr = 10 * math.log10(4.0 / max(mse_eval, 1e-12))  # peak-to-peak range of [-1, 1] is 2
+    return {"steps": steps, "l1": l1.item(), "mse": mse.item(), "kl": kl.item(), "psnr": psnr}
