@@ -246,6 +246,8 @@ PRESETS = {
     "qwen-image": MMDiTConfig(),  # Qwen-Image(-Edit) and all UniPic-3 checkpoints
     # the toy world's denoiser: same architecture, 4 blocks of width 192 (≈ 5.6M params)
     "toy": MMDiTConfig(num_layers=4, attention_head_dim=32, num_attention_heads=6, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)),
+    # tests and smoke runs: one block of width 32 on the toy text encoder's 64-d embeddings
+    "tiny": MMDiTConfig(num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(4, 6, 6)),
 }
 
 
@@ -436,9 +438,10 @@ def _atomic(write, final):
     os.replace(tmp, final)
 
 
-def save_mmdit(model, path, max_shard_bytes=5 * 2**30):
+def save_mmdit(model, path, max_shard_bytes=5 * 2**30, name_or_path=None):
     """Write config.json + safetensors shards (+ index when more than one), each file atomically.
-    The folder loads with `load_mmdit` and with diffusers' QwenImageTransformer2DModel.from_pretrained."""
+    The folder loads with `load_mmdit` and with diffusers' QwenImageTransformer2DModel.from_pretrained.
+    name_or_path goes to the config's `_name_or_path` (the official DMD/CM configs name their run there)."""
     from safetensors.torch import save_file
 
     sd = model.state_dict()
@@ -456,6 +459,8 @@ def save_mmdit(model, path, max_shard_bytes=5 * 2**30):
     n = len(shards)
     names = [f"{WEIGHTS}.safetensors"] if n == 1 else [f"{WEIGHTS}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     config = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1", **asdict(model.cfg)}
+    if name_or_path:
+        config["_name_or_path"] = name_or_path
     config["axes_dims_rope"] = list(config["axes_dims_rope"])
     _atomic(lambda p: json.dump(config, open(p, "w"), indent=2), os.path.join(path, "config.json"))
     for keys, name in zip(shards, names):

@@ -173,32 +173,38 @@ def checkpoint_kind(transformer_dir):
 
 def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
     """ckpt: a pipeline root (transformer/ vae/ text_encoder/ tokenizer/ processor/ scheduler/);
-    transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer)."""
+    transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer), or a model."""
     import text_encoder as TE
     import vae as V
 
     if not os.path.isdir(ckpt):
         raise ValueError(f"checkpoint folder {ckpt} does not exist")
-    transformer = transformer or os.path.join(ckpt, "transformer")
-    for part in (transformer, os.path.join(ckpt, "vae"), os.path.join(ckpt, "text_encoder")):
+    for part in (os.path.join(ckpt, "vae"), os.path.join(ckpt, "text_encoder")):
         if not os.path.isdir(part):
             raise ValueError(f"checkpoint is missing its {os.path.basename(part)}/ folder ({part})")
+    if isinstance(transformer, torch.nn.Module):  # a model in memory (the trainers' periodic evaluation)
+        net, kind = transformer, "euler"
+    else:
+        transformer = transformer or os.path.join(ckpt, "transformer")
+        if not os.path.isdir(transformer):
+            raise ValueError(f"transformer folder {transformer} does not exist")
+        net, kind = M.load_mmdit(transformer, dtype=dtype, device=device), checkpoint_kind(transformer)
     index = os.path.join(ckpt, "model_index.json")
     budget = json.load(open(index)).get("nanounipic_pixel_budget", 1024 * 1024) if os.path.exists(index) else 1024 * 1024
     return Pipeline(
-        transformer=M.load_mmdit(transformer, dtype=dtype, device=device),
+        transformer=net,
         vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype or torch.float32, device=device),
         text_encoder=TE.load_text_encoder(ckpt, dtype=dtype or torch.float32, device=device),
         sched=SchedulerConfig.from_folder(ckpt),
         pixel_budget=budget,
-        sampler=checkpoint_kind(transformer),
+        sampler=kind,
         device=device,
     )
 
 
 @torch.no_grad()
 def generate(pipe, prompts, images, *, steps=None, cfg=4.0, sampler=None, seed=0, height=None, width=None,
-             negative=" ", max_images=6, offload_text_encoder=False, progress=True):
+             max_images=6, offload_text_encoder=False, progress=True):
     """prompts: B strings; images: B lists of 1–max_images PIL images (any size and mode).
     Output size: height × width (multiples of 16), default the square of the pixel budget (1024² officially).
     Returns B PIL images."""
@@ -219,10 +225,11 @@ def generate(pipe, prompts, images, *, steps=None, cfg=4.0, sampler=None, seed=0
     dtype = next(pipe.transformer.parameters()).dtype
 
     images = [[to_rgb(im) for im in ims] for ims in images]
-    emb, mask = pipe.text_encoder.encode(prompts, images, pixel_budget=pipe.pixel_budget)
-    neg, neg_mask = (None, None)
-    if cfg > 1:
-        neg, neg_mask = pipe.text_encoder.encode([negative] * len(prompts), images, pixel_budget=pipe.pixel_budget)
+    te, kw = pipe.text_encoder, dict(pixel_budget=pipe.pixel_budget, max_images=max_images)
+    if cfg > 1:  # the negative is " " with the same images (official); both in one batched call
+        (emb, mask), (neg, neg_mask) = te.encode_with_negative(prompts, images, **kw)
+    else:
+        (emb, mask), (neg, neg_mask) = te.encode(prompts, images, **kw), (None, None)
     if offload_text_encoder:
         pipe.text_encoder.to("cpu")
 

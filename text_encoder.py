@@ -551,7 +551,9 @@ class TextEncoder(nn.Module):
     def encode(self, prompts, images=None, pixel_budget=1024 * 1024, max_images=6):
         """prompts: a str or B strs; images: one list of PIL images per prompt, as the user gave them. Applies the
         UniPic-3 preprocessing (joint pixel-budget resize, 28/32 VL copy), the chat template, runs the encoder and
-        drops the system prefix → emb [B, L, D], mask [B, L] bool (True = real token, padding at the end)."""
+        drops the system prefix → emb [B, L, D], mask [B, L] bool (True = real token, padding at the end).
+        pixel_budget=None: the images are already the jointly resized VAE inputs (training caches), so only the
+        28/32 copy is made — resizing twice could move a side by one multiple of 32."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [[] for _ in prompts] if images is None else images
         if len(images) != len(prompts) or any(not isinstance(row, (list, tuple)) for row in images):
@@ -566,7 +568,8 @@ class TextEncoder(nn.Module):
                 if min(im.size) < p:
                     raise ValueError(f"image {k} of prompt {b} is {im.size[0]}x{im.size[1]} px; "
                                      f"each side needs at least {p} px (one vision patch)")
-            vl = [vl_copy(im) for im in pack.joint_resize(imgs, pixel_budget)] if imgs else []
+            sized = pack.joint_resize(imgs, pixel_budget) if imgs and pixel_budget else [pack.to_rgb(im) for im in imgs]
+            vl = [vl_copy(im) for im in sized]
             pixels.append([image_to_pixels(im, self.image_mean, self.image_std, unit) for im in vl])
             counts = [(im.size[0] // unit) * (im.size[1] // unit) for im in vl]
             rows.append(expand_image_pads(tok.encode(chat_text(prompt, len(imgs))), counts, self.cfg.image_token_id))

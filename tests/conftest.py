@@ -1,8 +1,42 @@
 # Tests import the top-level modules (model.py, pack.py, ...) from the repository root, on the CPU, in a few threads.
+import json
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_tiny_pipeline(root, budget=64 * 64):
+    """A complete pipeline folder in the official layout with tiny random parts (VAE, Qwen2.5-VL, MMDiT),
+    small enough to build in a second: what the sampler and the trainers load."""
+    import model as M
+    import text_encoder as TE
+    import vae as V
+
+    torch.manual_seed(0)
+    vae = V.VAE(V.VAEConfig(base_dim=8, latents_mean=[0.1] * 16, latents_std=[0.5] * 16))
+    V.save_vae(vae.eval(), os.path.join(root, "vae"))
+    corpus = [f"Show the person from Image1 wearing the red cap from Image{k}." for k in range(2, 7)]
+    vocab, merges = TE.train_bpe(corpus, 300)
+    TE.save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
+    tok = TE.Tokenizer.from_folder(os.path.join(root, "tokenizer"))
+    te = TE.TextEncoder(TE.toy_config(tok), tok)
+    TE.init_weights(te)
+    TE.save_text_encoder(te, root)
+    mm = M.MMDiT(M.PRESETS["tiny"]).init_weights()
+    with torch.no_grad():
+        for p in mm.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    M.save_mmdit(mm, os.path.join(root, "transformer"))
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "QwenImageEditPipeline", "nanounipic_pixel_budget": budget}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    return make_tiny_pipeline(str(tmp_path_factory.mktemp("pipeline")))

@@ -141,3 +141,60 @@ def test_cfg_rescale_keeps_the_conditional_norm():
     v = S.cfg_combine(v_c, v_u, 4.0)
     assert torch.allclose(v.norm(dim=-1), v_c.norm(dim=-1), atol=1e-5)
     assert torch.allclose(S.cfg_combine(v_c, v_u, 1.0), v_c, atol=1e-6)
+
+
+def test_generate_on_a_tiny_pipeline_mixed_batch(tiny_pipeline):
+    """The whole path — joint resize, VL condition copies, VAE refs, denoise, decode — for a batch whose samples
+    differ in the number and size of inputs (RGBA and L inputs converted)."""
+    from PIL import Image
+
+    pipe = S.load_pipeline(tiny_pipeline)
+    ims = [[Image.new("RGB", (80, 60), "red"), Image.new("RGBA", (30, 90), (0, 0, 255, 100))], [Image.new("L", (64, 64), 128)]]
+    out = S.generate(pipe, ["Show the person from Image1 wearing the cap from Image2.", "Remove the cap."], ims,
+                     steps=2, cfg=4.0, progress=False)
+    assert [o.size for o in out] == [(64, 64), (64, 64)]  # the budget's square by default
+    alone = S.generate(pipe, ["Remove the cap."], [ims[1]], steps=2, cfg=4.0, seed=0, progress=False)[0]
+    assert alone.size == (64, 64)
+    few = S.generate(pipe, ["x"], [ims[1]], steps=2, cfg=1.0, sampler="fewstep", height=48, width=100, progress=False)[0]
+    assert few.size == (96, 48)  # floored to multiples of 16, as the official pipeline does
+
+
+def test_cli_writes_png_and_grid(tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (50, 70), "green").save(a)
+    Image.new("RGBA", (90, 40), (255, 0, 0, 128)).save(b)
+    out = tmp_path / "o" / "out.png"
+    S.main(["--ckpt", tiny_pipeline, "--images", str(a), str(b), "--prompt", "The person from Image1.",
+            "--steps", "2", "--out", str(out), "--grid"])
+    assert Image.open(out).size == (64, 64)
+    assert Image.open(tmp_path / "o" / "out_grid.png").height == 64
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--images"] + ["{a}"] * 7, "7 input images; 1 to 6"),
+    (["--images", "{bad}"], "cannot read image"),
+    (["--images", "{a}", "--height", "8"], "too small"),
+    (["--images", "{a}", "--ckpt", "{nope}"], "does not exist"),
+    (["--images", "{a}", "--ckpt", "{novae}"], "missing its vae/ folder"),
+])
+def test_cli_bad_inputs_one_line_and_no_output(tiny_pipeline, tmp_path, argv, words):
+    import shutil
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    novae = tmp_path / "novae"
+    shutil.copytree(tiny_pipeline, novae, ignore=shutil.ignore_patterns("vae"))
+    subst = dict(a=tmp_path / "a.png", bad=tmp_path / "bad.png", nope=tmp_path / "nope", novae=novae)
+    argv = [s.format(**subst) for s in argv]
+    if "--ckpt" not in argv:
+        argv += ["--ckpt", tiny_pipeline]
+    out = tmp_path / "out.png"
+    with pytest.raises(SystemExit) as e:
+        S.main(argv + ["--steps", "1", "--out", str(out)])
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg
+    assert not out.exists() and not (tmp_path / "out.png.tmp").exists()

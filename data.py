@@ -1,0 +1,550 @@
+"""
+Data for nanoUniPic (paper §4.1): the official jsonl triplets, a toy world that writes them, and latent caches.
+
+Official format, one json object per line, image paths relative to the jsonl's folder:
+    {"input_images": ["a.png", "b.png"], "output_image": "t.png", "instruction": "..."}
+The toy world adds a "scene" key: the exact index of what the target contains, read by the judge in eval.py.
+
+The toy world stands in for the paper's pipeline (CC12M persons, Qwen-Image objects, a curated HOI conflict
+matrix, Nano-Banana / Seedream targets) with exact ground truth: a person (identity: head shape × skin × shirt)
+at a fixed layout centred in the target; 14 item categories at the HOI positions head / torso / right_hand /
+left_hand / both_hands / feet in 6 colours, sampled under the conflict matrix; 6 backgrounds. Composition: 2–6
+sources (the person on its own background, one image per item, maybe a scene), each rendered alone at its own
+random size and aspect. Editing: one full scene + add / remove / replace / recolour an item or change the
+background. Instructions name the inputs Image1..ImageK, as the official demo prompts do.
+
+API
+  ToyWorld(seed, cfg).scene(i) -> scene dict (json-able, deterministic in (seed, i)); .sample(i) -> dict(
+      input_images=[PIL], output_image=PIL, instruction=str, scene=dict), sources at their own random sizes.
+  draw_scene(size, background, person, items) -> PIL, the renderer the judge also uses.
+  ToyDataset(n, seed) and JsonlDataset(path) -> the same dict, resized by the joint pixel-budget rule (pack.py);
+      use DataLoader(ds, batch_size=B, collate_fn=list): every sample keeps its own shapes.
+  write_jsonl(folder, n, seed), instruction_corpus(n, seed), cache_latents(...) + LatentDataset(path).
+Seeds: training uses seeds in [0, BENCH_SEED); ToyCom-Bench (eval.py) draws from BENCH_SEED, held out.
+
+    python data.py --out data_cache/toy --n 1000        # writes a toy jsonl dataset, prints samples/s
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import pack
+
+TOY_BUDGET = 128 * 128  # toy pixel budget: all references together, and the target on its own
+TOY_SIZE = (128, 128)  # default target (W, H): a 16×16 latent, 8×8 = 64 tokens after 2×2 packing
+OUT_SIZES = [(128, 128), (160, 96), (96, 160), (144, 112), (112, 144)]  # mixed-shape targets within the budget
+TRAIN_SEED = 0  # training worlds use seeds in [0, BENCH_SEED)
+BENCH_SEED = 1_000_000  # ToyCom-Bench draws from seeds >= BENCH_SEED: held out from training
+EXAMPLE_SEED = 999_997  # sample.py's built-in example (sample 0: a 3-image composition); training uses small seeds
+MAX_IMAGES = 6  # official limit on input images
+MAX_PIXELS = 4096 * 4096  # larger images are skipped by the loader
+
+# -----------------------------------------------------------------------------
+# the world: palette, identities, scenes, items, the HOI conflict matrix
+
+COLOURS = {"red": (230, 30, 30), "orange": (255, 140, 0), "yellow": (250, 220, 0), "green": (30, 170, 50),
+           "blue": (30, 80, 230), "purple": (150, 50, 200)}
+HEADS = ["round", "square", "triangle"]
+SKINS = {"peach": (255, 214, 170), "tan": (222, 170, 120), "brown": (160, 105, 65), "deep": (95, 60, 40)}
+SHIRTS = {"grey": (140, 140, 140), "teal": (0, 128, 128), "maroon": (128, 30, 60), "navy": (40, 50, 120),
+          "olive": (110, 120, 40)}
+SCENES = {  # name: (top colour, bottom colour below 62% of the height or None, phrase)
+    "studio": ((200, 200, 200), None, "a plain studio"),
+    "beach": ((120, 190, 235), (235, 210, 150), "a sunny beach"),
+    "park": ((190, 225, 245), (110, 180, 90), "a grassy park"),
+    "night": ((30, 35, 70), None, "a night sky"),
+    "sunset": ((250, 170, 120), (170, 110, 160), "a sunset"),
+    "snow": ((160, 175, 200), (245, 245, 250), "a snowy field"),
+}
+INK, LEGS, WHITE = (25, 25, 25), (70, 70, 80), (255, 255, 255)
+
+POSITIONS = ["head", "torso", "right_hand", "left_hand", "both_hands", "feet"]
+# The HOI conflict matrix (paper §4.1), over positions: True = two items there cannot be worn together.
+CONFLICT = np.array([
+    # hd    to     rh     lh     bh     ft
+    [True, False, False, False, False, False],  # head: one hat
+    [False, True, False, False, False, False],  # torso: one bag / medal / bow tie
+    [False, False, True, False, True, False],  # right hand: one item, not with a two-handed one
+    [False, False, False, True, True, False],  # left hand: likewise
+    [False, False, True, True, True, False],  # both hands: excludes each hand
+    [False, False, False, False, False, True],  # feet: no two footwear
+])
+CATEGORIES = {"top hat": "head", "cap": "head", "crown": "head", "bag": "torso", "medal": "torso",
+              "bow tie": "torso", "balloon": "hand", "flag": "hand", "book": "hand", "banner": "both_hands",
+              "barbell": "both_hands", "boots": "feet", "sneakers": "feet", "flippers": "feet"}
+CATS_AT = {p: [c for c, s in CATEGORIES.items() if s == p or (s == "hand" and p.endswith("_hand"))]
+           for p in POSITIONS}
+HANDS = {"right_hand": (22, 76), "left_hand": (106, 76)}  # the person faces us: their right hand is image-left
+# item drawings in canonical 128-px coordinates: (primitive, coords, filled with the item colour, else ink);
+# hand items are relative to the hand centre, +x pointing away from the body
+ITEM_SHAPES = {
+    "top hat": [("rect", (52, 1, 76, 21), 1), ("rect", (42, 19, 86, 26), 1)],
+    "cap": [("chord", (46, 6, 82, 42), 1), ("rect", (74, 19, 91, 25), 1)],
+    "crown": [("poly", (48, 26, 48, 4, 56, 14, 64, 2, 72, 14, 80, 4, 80, 26), 1)],
+    "bag": [("arc", (56, 56, 72, 72), 0), ("rect", (50, 64, 78, 90), 1)],
+    "medal": [("poly", (56, 56, 72, 56, 64, 70), 1), ("ellipse", (52, 63, 76, 87), 1)],
+    "bow tie": [("poly", (48, 60, 64, 73, 48, 86), 1), ("poly", (80, 60, 64, 73, 80, 86), 1),
+                ("ellipse", (59, 68, 69, 78), 1)],
+    "balloon": [("line", (0, 0, 4, -12), 0), ("ellipse", (-7, -36, 15, -12), 1)],
+    "flag": [("rect", (-1, -32, 1, 12), 0), ("poly", (0, -32, 0, -8, 19, -20), 1)],
+    "book": [("rect", (-13, -4, 13, 14), 1), ("line", (0, -4, 0, 14), 0)],
+    "banner": [("rect", (4, 60, 124, 84), 1)],
+    "barbell": [("rect", (10, 73, 118, 79), 0), ("ellipse", (1, 63, 27, 89), 1), ("ellipse", (101, 63, 127, 89), 1)],
+    "boots": [("rect", (47, 96, 63, 124), 1), ("rect", (65, 96, 81, 124), 1)],
+    "sneakers": [("round", (40, 106, 63, 124), 1), ("round", (65, 106, 88, 124), 1)],
+    "flippers": [("poly", (50, 106, 62, 106, 66, 127, 36, 127), 1), ("poly", (66, 106, 78, 106, 92, 127, 62, 127), 1)],
+}
+HEAD_SHAPES = {"round": ("ellipse", (50, 26, 78, 52)), "square": ("rect", (51, 27, 77, 51)),
+               "triangle": ("poly", (48, 27, 80, 27, 64, 54))}
+
+
+def valid(positions):
+    """True if no two of these item positions conflict (and none repeats)."""
+    return not any(CONFLICT[POSITIONS.index(p), POSITIONS.index(q)] for p, q in itertools.combinations(positions, 2))
+
+
+VALID_SETS = [s for r in range(len(POSITIONS) + 1) for s in itertools.combinations(POSITIONS, r) if valid(s)]
+
+# -----------------------------------------------------------------------------
+# rendering: canonical 128-px person layout, centred in the min(W, H) square of any canvas
+
+
+def _map(tf, xy):  # canonical (x0, y0, x1, y1, ...) -> pixels under tf = (ox, oy, scale)
+    return [v * tf[2] + tf[j % 2] for j, v in enumerate(xy)]
+
+
+def _box(pts):  # two mapped corners -> a PIL box with x0 <= x1, y0 <= y1
+    return [min(pts[0], pts[2]), min(pts[1], pts[3]), max(pts[0], pts[2]), max(pts[1], pts[3])]
+
+
+def _paint(d, tf, kind, xy, fill):
+    pts, lw = _map(tf, xy), max(1, round(1.5 * tf[2]))
+    if kind == "rect":
+        d.rectangle(_box(pts), fill=fill, outline=INK, width=lw)
+    elif kind == "round":
+        d.rounded_rectangle(_box(pts), radius=5 * tf[2], fill=fill, outline=INK, width=lw)
+    elif kind == "ellipse":
+        d.ellipse(_box(pts), fill=fill, outline=INK, width=lw)
+    elif kind == "chord":
+        d.chord(_box(pts), 180, 360, fill=fill, outline=INK, width=lw)
+    elif kind == "arc":
+        d.arc(_box(pts), 180, 360, fill=INK, width=2 * lw)
+    elif kind == "line":
+        d.line(pts, fill=INK, width=lw)
+    else:
+        d.polygon(pts, fill=fill, outline=INK, width=lw)
+
+
+def item_shapes(cat, position):
+    """The item's primitives in absolute canonical coordinates at its position (hand items mirrored outward)."""
+    hx, hy = HANDS.get(position, (0, 0))
+    out = -1 if hx < 64 else 1
+    for kind, xy, filled in ITEM_SHAPES[cat]:
+        if CATEGORIES[cat] == "hand":
+            xy = [hx + out * v if j % 2 == 0 else hy + v for j, v in enumerate(xy)]
+        yield kind, xy, filled
+
+
+def paint_item(d, tf, cat, colour, position):
+    for kind, xy, filled in item_shapes(cat, position):
+        _paint(d, tf, kind, xy, COLOURS[colour] if filled else INK)
+
+
+def paint_person(d, tf, person):
+    skin, s = SKINS[person["skin"]], tf[2]
+    for box in ((50, 92, 62, 112), (66, 92, 78, 112)):
+        d.rectangle(_box(_map(tf, box)), fill=LEGS)
+    for box in ((46, 108, 62, 116), (66, 108, 82, 116)):  # bare feet
+        _paint(d, tf, "ellipse", box, skin)
+    for hx, hy in HANDS.values():
+        d.line(_map(tf, (64, 62, hx, hy)), fill=skin, width=max(1, round(7 * s)))
+        _paint(d, tf, "ellipse", (hx - 6, hy - 6, hx + 6, hy + 6), skin)
+    _paint(d, tf, "rect", (42, 52, 86, 94), SHIRTS[person["shirt"]])
+    _paint(d, tf, *HEAD_SHAPES[person["head"]], skin)
+    for x in (58, 70):  # eyes
+        d.ellipse(_box(_map(tf, (x - 2, 33, x + 2, 37))), fill=INK)
+
+
+def layout(size):
+    """The transform of the canonical 128-px layout: centred in the min(W, H) square of a (W, H) canvas."""
+    S = min(size)
+    return (size[0] - S) / 2, (size[1] - S) / 2, S / 128
+
+
+def draw_scene(size, background, person=None, items=None):
+    """The exact image of a scene at size (W, H): background, a two-handed item (held behind the body), the
+    person, the other items. Without a person: the background alone (a scene source image)."""
+    W, H = size
+    top, bottom, _ = SCENES[background]
+    img = Image.new("RGB", (W, H), top)
+    d = ImageDraw.Draw(img)
+    if bottom:
+        d.rectangle((0, round(0.62 * H), W, H), fill=bottom)
+    tf, items = layout(size), items or {}
+    if "both_hands" in items:
+        paint_item(d, tf, *items["both_hands"], "both_hands")
+    if person:
+        paint_person(d, tf, person)
+    for p, (cat, colour) in items.items():
+        if p != "both_hands":
+            paint_item(d, tf, cat, colour, p)
+    return img
+
+
+def draw_item(size, cat, colour):
+    """One item alone on white, scaled to fill 80% of its own canvas (hand items as held in the right hand)."""
+    pos = "right_hand" if CATEGORIES[cat] == "hand" else CATEGORIES[cat]
+    pts = [v for _, xy, _ in item_shapes(cat, pos) for v in xy]
+    (x0, x1), (y0, y1) = (min(pts[0::2]), max(pts[0::2])), (min(pts[1::2]), max(pts[1::2]))
+    s = 0.8 * min(size[0] / (x1 - x0), size[1] / (y1 - y0))
+    tf = (size[0] / 2 - s * (x0 + x1) / 2, size[1] / 2 - s * (y0 + y1) / 2, s)
+    img = Image.new("RGB", size, WHITE)
+    paint_item(ImageDraw.Draw(img), tf, cat, colour, pos)
+    return img
+
+
+def render_inputs(scene):
+    """The source images of a scene, each at its own size."""
+    out = []
+    for src in scene["sources"]:
+        if src["kind"] == "item":
+            out.append(draw_item(src["size"], *src["item"]))
+        elif src["kind"] == "scene":
+            out.append(draw_scene(src["size"], src["background"]))
+        else:  # "person" (alone, on its own background) or "edit" (a full scene)
+            out.append(draw_scene(src["size"], src["background"], scene["person"], src.get("items")))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# scenes and instructions
+
+
+@dataclass
+class WorldConfig:
+    out_size: tuple = TOY_SIZE  # target (W, H); None: one of OUT_SIZES per sample
+    p_edit: float = 0.25  # share of single-image editing samples
+    min_inputs: int = 2  # composition: number of source images, the person included
+    max_inputs: int = 6
+    p_scene: float = 0.3  # chance that one composition source is a background scene
+    src_area: tuple = (48 * 48, 192 * 192)  # each source image's area, uniform; aspect log-uniform in [1/2, 2]
+    p_colour_word: float = 0.5  # chance that an instruction names an item's colour
+    shuffle_sources: bool = False  # False: Image1 is the person, a scene comes last
+
+
+EDIT_OPS = ["add", "remove", "replace", "recolour", "background"]
+OPENERS = ["Show the person from Image{k}", "Draw the person in Image{k}", "The person from Image{k} is standing",
+           "Compose a picture of the person from Image{k}", "Place the figure from Image{k}"]
+USE = {"head": ["wearing the {it} from Image{k}", "with the {it} from Image{k} on their head"],
+       "torso": ["with the {it} from Image{k} on their chest", "wearing the {it} from Image{k} on the chest"],
+       "right_hand": ["holding the {it} from Image{k} in the right hand",
+                      "with the {it} of Image{k} in their right hand"],
+       "left_hand": ["holding the {it} from Image{k} in the left hand", "with the {it} of Image{k} in their left hand"],
+       "both_hands": ["holding the {it} from Image{k} with both hands", "gripping the {it} of Image{k} in both hands"],
+       "feet": ["wearing the {it} from Image{k} on their feet", "with the {it} from Image{k} on the feet"],
+       "background": ["in the scene from Image{k}", "against the background of Image{k}"]}
+WHERE = {"head": "on their head", "torso": "on their chest", "right_hand": "in their right hand",
+         "left_hand": "in their left hand", "both_hands": "in both hands", "feet": "on their feet"}
+EDITS = {"add": ["Give the person {a} {where}.", "Add {a} {where}.", "In Image1, put {a} {where}."],
+         "remove": ["Remove {ref}.", "Take away {ref}.", "In Image1, delete {ref}."],
+         "replace": ["Replace {ref} with {a}.", "Swap {ref} for {a}.", "In Image1, change {ref} into {a}."],
+         "recolour": ["Make {ref} {colour}.", "Change the colour of {ref} to {colour}.",
+                      "Recolour {ref} {colour} in Image1."],
+         "background": ["Change the background to {bg}.", "Put the person in {bg}.",
+                        "Replace the background of Image1 with {bg}."]}
+
+
+def _a(cat, colour):  # "a red cap", "an orange flag", "a pair of blue boots"
+    if CATEGORIES[cat] == "feet":
+        return f"a pair of {colour} {cat}"
+    return ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {cat}"
+
+
+class ToyWorld:
+    """Procedural HOI composition and editing tasks, deterministic in (seed, i)."""
+
+    def __init__(self, seed=TRAIN_SEED, cfg=None, held_out=False):
+        if seed >= BENCH_SEED and not held_out:
+            raise ValueError(f"seed {seed} is in the held-out ToyCom-Bench range (>= {BENCH_SEED})")
+        self.seed, self.cfg = seed, cfg or WorldConfig()
+        if not 1 <= self.cfg.min_inputs - 1 <= self.cfg.max_inputs - 1 < MAX_IMAGES:
+            raise ValueError(f"composition inputs {self.cfg.min_inputs}..{self.cfg.max_inputs} not within 2..6")
+
+    def _size(self, rng):
+        area, aspect = rng.uniform(*self.cfg.src_area), math.exp(rng.uniform(-math.log(2), math.log(2)))
+        return [round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))]
+
+    def _items(self, rng, sizes):  # a random item set under the conflict matrix, with 'sizes' positions
+        positions = rng.choice([s for s in VALID_SETS if len(s) in sizes])
+        return {p: [rng.choice(CATS_AT[p]), rng.choice(list(COLOURS))] for p in positions}
+
+    def _it(self, rng, item):
+        return f"{item[1]} {item[0]}" if rng.random() < self.cfg.p_colour_word else item[0]
+
+    def scene(self, i, kind=None, n_inputs=None, op=None):
+        """The scene index of sample i; kind ("compose" / "edit"), n_inputs and op override the random choice."""
+        rng, cfg = random.Random(f"{self.seed}/{i}"), self.cfg
+        kind = kind or ("edit" if rng.random() < cfg.p_edit else "compose")
+        size = list(cfg.out_size or rng.choice(OUT_SIZES))
+        person = {"head": rng.choice(HEADS), "skin": rng.choice(list(SKINS)), "shirt": rng.choice(list(SHIRTS))}
+        bg = rng.choice(list(SCENES))
+        scene = dict(kind=kind, size=size, person=person)
+        if kind == "compose":
+            k = n_inputs or rng.randint(cfg.min_inputs, cfg.max_inputs)
+            has_scene = rng.random() < cfg.p_scene
+            items = self._items(rng, [k - 1 - has_scene])
+            sources = [dict(kind="person", size=self._size(rng), background=bg)]
+            order = list(items)
+            rng.shuffle(order)
+            sources += [dict(kind="item", size=self._size(rng), position=p, item=items[p]) for p in order]
+            if has_scene:
+                bg = rng.choice([b for b in SCENES if b != bg])
+                sources.append(dict(kind="scene", size=self._size(rng), background=bg))
+            if cfg.shuffle_sources:
+                rng.shuffle(sources)
+            uses = []
+            for k, src in enumerate(sources, 1):
+                if src["kind"] == "person":
+                    opener = rng.choice(OPENERS).format(k=k)
+                elif src["kind"] == "scene":
+                    uses.append(rng.choice(USE["background"]).format(k=k))
+                else:
+                    uses.append(rng.choice(USE[src["position"]]).format(it=self._it(rng, src["item"]), k=k))
+            text = opener + " " + (", ".join(uses[:-1]) + " and " if len(uses) > 1 else "") + uses[-1] + "."
+            checked = sorted(items) + ["background"] * has_scene
+            return dict(scene, op="compose", background=bg, items=items, checked=checked, sources=sources,
+                        instruction=text)
+        op = op or rng.choice(EDIT_OPS)
+        # add needs a free position (every valid set of <= 3 extends); remove / replace / recolour need an item
+        before = self._items(rng, {"add": [0, 1, 2, 3], "background": [0, 1, 2, 3, 4]}.get(op, [1, 2, 3, 4]))
+        items, new_bg, p, template = dict(before), bg, None, rng.choice(EDITS[op])
+        if op == "add":
+            p = rng.choice([q for q in POSITIONS if valid(list(before) + [q])])
+            items[p] = [rng.choice(CATS_AT[p]), rng.choice(list(COLOURS))]
+            text = template.format(a=_a(*items[p]), where=WHERE[p])
+        elif op == "background":
+            new_bg = rng.choice([b for b in SCENES if b != bg])
+            text = template.format(bg=SCENES[new_bg][2])
+        else:
+            p = rng.choice(sorted(before))
+            cat, colour = before[p]
+            ref = f"the {self._it(rng, before[p])}" + (f" {WHERE[p]}" if p.endswith("_hand") else "")
+            if op == "remove":
+                del items[p]
+                text = template.format(ref=ref)
+            elif op == "replace":
+                items[p] = [rng.choice([c for c in CATS_AT[p] if c != cat]), rng.choice(list(COLOURS))]
+                text = template.format(ref=ref, a=_a(*items[p]))
+            else:
+                items[p] = [cat, rng.choice([c for c in COLOURS if c != colour])]
+                text = template.format(ref=ref, colour=items[p][1])
+        text = text[0].upper() + text[1:]
+        scale = rng.uniform(0.75, 1.5)
+        src = dict(kind="edit", size=[round(size[0] * scale), round(size[1] * scale)], background=bg, items=before)
+        checked = sorted(set(items) | ({p} if p else set())) + ["background"] * (op == "background")
+        return dict(scene, op=op, background=new_bg, items=items, checked=checked, sources=[src], instruction=text)
+
+    def sample(self, i, **force):
+        scene = self.scene(i, **force)
+        target = draw_scene(scene["size"], scene["background"], scene["person"], scene["items"])
+        return dict(input_images=render_inputs(scene), output_image=target, instruction=scene["instruction"],
+                    scene=scene)
+
+
+def instruction_corpus(n, seed=TRAIN_SEED, cfg=None):
+    """n toy-world instructions (no rendering), e.g. to train the toy tokenizer."""
+    world = ToyWorld(seed, cfg)
+    return [world.scene(i)["instruction"] for i in range(n)]
+
+# -----------------------------------------------------------------------------
+# datasets: the joint resize, the jsonl loader with validation, the toy world as a dataset
+
+
+def prepare(input_images, output_image, instruction, budget=TOY_BUDGET, scene=None):
+    """References resized together to the budget (joint rule), the target resized on its own (official)."""
+    return dict(input_images=pack.joint_resize(input_images, budget),
+                output_image=pack.joint_resize([output_image], budget)[0], instruction=instruction, scene=scene)
+
+
+def check_image(path, max_pixels=MAX_PIXELS, verify=True):
+    """Raise ValueError / OSError naming the problem if the image is unusable."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"{path}: {w}x{h} is larger than {max_pixels} pixels")
+        if not 0.1 <= w / h <= 10:
+            raise ValueError(f"{path}: aspect {w}x{h} outside 0.1-10")
+        if verify:
+            im.load()
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """n samples of ToyWorld(seed, cfg), prepared as JsonlDataset prepares a line."""
+
+    def __init__(self, n, seed=TRAIN_SEED, budget=TOY_BUDGET, cfg=None):
+        self.n, self.world, self.budget = n, ToyWorld(seed, cfg), budget
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        s = self.world.sample(i)
+        return prepare(s["input_images"], s["output_image"], s["instruction"], self.budget, s["scene"])
+
+
+class JsonlDataset(torch.utils.data.Dataset):
+    """Official jsonl triplets. Bad lines (json, keys, counts, missing / unreadable / oversized images, aspect
+    outside 0.1–10) are skipped and listed in .skipped as (line number, reason) with one counted warning.
+    verify=True decodes every image up front; with verify=False a corrupt image met later is skipped the same way
+    and the next good sample is returned, so an epoch never crashes."""
+
+    def __init__(self, path, budget=TOY_BUDGET, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, verify=True):
+        self.path, self.budget, self.samples, self.skipped = path, budget, [], []
+        root = os.path.dirname(os.path.abspath(path))
+        with open(path) as f:
+            lines = f.readlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not {"input_images", "output_image", "instruction"} <= rec.keys():
+                    raise ValueError("needs input_images, output_image and instruction")
+                ins = rec["input_images"]
+                ins = [ins] if isinstance(ins, str) else ins
+                if not 1 <= len(ins) <= max_images:
+                    raise ValueError(f"{len(ins)} input images, expected 1..{max_images}")
+                paths = [os.path.join(root, p) for p in ins + [rec["output_image"]]]
+                for p in paths:
+                    check_image(p, max_pixels, verify)
+                self.samples.append((n, paths, str(rec["instruction"]), rec.get("scene")))
+            except Exception as e:  # any bad line: json, keys, missing or corrupt file, PIL errors
+                self.skipped.append((n, f"{type(e).__name__}: {e}"))
+        if self.skipped:
+            self._warn(f"skipped {len(self.skipped)} of {len(self.samples) + len(self.skipped)} lines")
+        if not self.samples:
+            raise ValueError(f"{path}: no usable samples")
+
+    def _warn(self, what):
+        shown = "; ".join(f"line {n}: {r}" for n, r in self.skipped[:5])
+        warnings.warn(f"{self.path}: {what} ({shown}{' ...' if len(self.skipped) > 5 else ''})")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for j in range(len(self.samples)):
+            n, paths, instruction, scene = self.samples[(i + j) % len(self.samples)]
+            try:
+                images = []
+                for p in paths:
+                    with Image.open(p) as im:
+                        images.append(pack.to_rgb(im))
+                return prepare(images[:-1], images[-1], instruction, self.budget, scene)
+            except Exception as e:
+                self.skipped.append((n, f"{type(e).__name__}: {e}"))
+                self._warn(f"skipped line {n} while loading")
+        raise ValueError(f"{self.path}: no image could be loaded")
+
+
+def write_jsonl(folder, n, seed=TRAIN_SEED, cfg=None, name="data.jsonl"):
+    """n toy-world samples as PNGs + an official jsonl (plus each sample's "scene" index); returns the jsonl path."""
+    os.makedirs(folder, exist_ok=True)
+    world = ToyWorld(seed, cfg)
+    with open(os.path.join(folder, name), "w") as f:
+        for i in tqdm(range(n), desc="toy world", disable=n < 1000):
+            s = world.sample(i)
+            ins = [f"{i:06d}_in{k}.png" for k in range(len(s["input_images"]))]
+            for im, fn in zip(s["input_images"] + [s["output_image"]], ins + [f"{i:06d}_out.png"]):
+                im.save(os.path.join(folder, fn), compress_level=1)
+            f.write(json.dumps(dict(input_images=ins, output_image=f"{i:06d}_out.png",
+                                    instruction=s["instruction"], scene=s["scene"])) + "\n")
+    return os.path.join(folder, name)
+
+# -----------------------------------------------------------------------------
+# cache of VAE latents and text embeddings (safetensors shards), so training does not re-encode
+
+
+@torch.no_grad()
+def cache_latents(dataset, encode_image, encode_text, path, shard_size=1024, null_prompt=None):
+    """encode_image: x [1, 3, H, W] in [-1, 1] -> z [1, C, h, w] (e.g. normalised VAE mean);
+    encode_text: (prompts [str], images [[PIL]]) -> (emb [B, L, D], mask [B, L]), e.g. TextEncoder.encode.
+    null_prompt (e.g. " "): also cache its embedding with the same images, for condition dropout.
+    Writes path/shard-XXXXX.safetensors and path/index.json."""
+    os.makedirs(path, exist_ok=True)
+    index, tensors = [], {}
+    for i in tqdm(range(len(dataset)), desc="cache", disable=len(dataset) < 100):
+        s = dataset[i]
+        zs = [encode_image(pack.image_to_tensor(im)[None])[0] for im in [s["output_image"]] + s["input_images"]]
+        prompts = [s["instruction"]] + ([null_prompt] if null_prompt is not None else [])
+        emb, mask = encode_text(prompts, [s["input_images"]] * len(prompts))
+        tensors[f"{i}.target"] = zs[0].float().contiguous()  # [C, h, w]
+        for k, z in enumerate(zs[1:]):
+            tensors[f"{i}.ref{k}"] = z.float().contiguous()  # [C, h_k, w_k]
+        tensors[f"{i}.txt"] = emb[0][mask[0].bool()].float().contiguous()  # [L, D], real tokens only
+        if null_prompt is not None:
+            tensors[f"{i}.neg"] = emb[1][mask[1].bool()].float().contiguous()
+        index.append(dict(shard=i // shard_size, refs=len(zs) - 1, neg=null_prompt is not None,
+                          instruction=s["instruction"], scene=s["scene"]))
+        if (i + 1) % shard_size == 0 or i + 1 == len(dataset):
+            fn = os.path.join(path, f"shard-{i // shard_size:05d}.safetensors")
+            save_file(tensors, fn + ".tmp")
+            os.replace(fn + ".tmp", fn)
+            tensors = {}
+    with open(os.path.join(path, "index.json.tmp"), "w") as f:
+        json.dump(index, f)
+    os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """A cache written by cache_latents, item i: dict(target [C, h, w], refs [[C, h_k, w_k]], txt [L, D],
+    instruction, scene)."""
+
+    def __init__(self, path):
+        self.path, self.files = path, {}
+        with open(os.path.join(path, "index.json")) as f:
+            self.index = json.load(f)
+
+    def __getstate__(self):  # open shard handles do not travel to DataLoader workers
+        return dict(self.__dict__, files={})
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        e = self.index[i]
+        if e["shard"] not in self.files:
+            fn = os.path.join(self.path, f"shard-{e['shard']:05d}.safetensors")
+            self.files[e["shard"]] = safe_open(fn, framework="pt")
+        f = self.files[e["shard"]]
+        return dict(target=f.get_tensor(f"{i}.target"), refs=[f.get_tensor(f"{i}.ref{k}") for k in range(e["refs"])],
+                    txt=f.get_tensor(f"{i}.txt"), neg=f.get_tensor(f"{i}.neg") if e.get("neg") else None,
+                    instruction=e["instruction"], scene=e["scene"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write a toy-world dataset in the official jsonl format.")
+    p.add_argument("--out", default="data_cache/toy")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=TRAIN_SEED)
+    args = p.parse_args(argv)
+    t = time.time()
+    path = write_jsonl(args.out, args.n, args.seed)
+    print(f"wrote {args.n} samples to {path} ({args.n / (time.time() - t):.0f} samples/s with PNG writing)")
+
+
+if __name__ == "__main__":
+    main()

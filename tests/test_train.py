@@ -1,0 +1,162 @@
+"""train_fm.py and train_common.py: the objective learns, resume is exact, DDP and FSDP2 agree with one process,
+LoRA trains only adapters, a checkpoint killed mid-write leaves the previous one, a NaN loss stops cleanly."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import train_common as T
+import train_fm as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [[(2, 3), (2, 2)], [(3, 2)], [(2, 2), (1, 3), (2, 1)]]
+    N = max(sum(h * w for h, w in s) for s in shapes)
+    x = torch.randn(3, N, 64, generator=g)
+    return x, shapes, torch.randn(3, 4, 64, generator=g), torch.ones(3, 4, dtype=torch.bool)
+
+
+def test_fm_loss_decreases_on_a_fixed_batch():
+    """Eq. (1) must be learnable: 40 AdamW steps on one batch (fixed noise and t) cut the loss by half."""
+    torch.manual_seed(0)
+    model = M.MMDiT(M.PRESETS["tiny"]).init_weights()
+    opt = T.make_optimizer(model, 3e-3, weight_decay=0.0)
+    x, shapes, txt, mask = tiny_batch()
+    t, noise = torch.tensor([0.3, 0.6, 0.9]), torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(40):
+        loss = F.fm_loss(model, x, shapes, txt, mask, t, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fm_loss_ignores_references_and_padding():
+    """Only target rows are noised and scored: changing a reference's prediction target cannot change the loss
+    unless it changes the model input, and padding rows never count."""
+    torch.manual_seed(0)
+    model = M.MMDiT(M.PRESETS["tiny"]).init_weights()
+    x, shapes, txt, mask = tiny_batch()
+    t, noise = torch.tensor([0.3, 0.6, 0.9]), torch.randn(x.shape)
+    base = F.fm_loss(model, x, shapes, txt, mask, t, noise)
+    noise2 = noise.clone()
+    noise2[0, 6:] = 1e3  # sample 0's reference rows and padding: noise never reaches them
+    noise2[1, 6:] = 1e3  # sample 1's padding
+    assert torch.equal(F.fm_loss(model, x, shapes, txt, mask, t, noise2), base)
+
+
+def test_timesteps_logit_normal_and_shifted():
+    shapes = [[(32, 32)]] * 4000  # 1024 target tokens: shift = exp(μ(1024)) > 1 pushes t up
+    t = F.sample_t(shapes, torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1
+    assert 0.5 < t.median() < 0.65  # the median of sigmoid(N(0,1)) is 0.5; the shift moves it to shift/(1+shift)
+
+
+def run_fm(tiny_pipeline, out, **kw):
+    cfg = F.Config(assets=tiny_pipeline, n_data=8, budget=64 * 64, cache=os.path.join(out, "cache"), out=out,
+                   preset="tiny", steps=4, batch=4, micro_batch=2, lr=1e-3, lr_min=1e-3, warmup=0, save_every=2,
+                   eval_every=0, eval_cases=0, log_every=1, seed=0)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    F.main(cfg)
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+
+
+def test_resume_gives_bit_identical_losses(tiny_pipeline, tmp_path):
+    """Model, EMA, AdamW state, the noise generator and the data position all come back: the losses after a
+    resume equal those of an uninterrupted run exactly."""
+    whole = run_fm(tiny_pipeline, str(tmp_path / "a"), steps=4)
+    run_fm(tiny_pipeline, str(tmp_path / "b"), steps=2)
+    resumed = run_fm(tiny_pipeline, str(tmp_path / "b"), steps=4, resume=True)
+    assert [m["loss"] for m in resumed if m["step"] > 2] == [m["loss"] for m in whole if m["step"] > 2]
+    a = M.load_mmdit(str(tmp_path / "a" / "ema_transformer"))
+    b = M.load_mmdit(str(tmp_path / "b" / "ema_transformer"))
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert "teacher" in json.load(open(tmp_path / "a" / "transformer" / "config.json"))["_name_or_path"]
+
+
+def test_checkpoint_killed_mid_write_keeps_the_previous(tiny_pipeline, tmp_path, monkeypatch):
+    out = str(tmp_path / "k")
+    run_fm(tiny_pipeline, out, steps=2)
+    before = T.latest_checkpoint(out)
+    calls = []
+
+    def dying_save(tensors, path, **kw):  # the process "dies" while writing the second file
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, **kw)
+
+    monkeypatch.setattr(T, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_fm(tiny_pipeline, out, steps=4, resume=True)
+    monkeypatch.undo()
+    assert T.latest_checkpoint(out) == before
+    model = M.MMDiT(M.PRESETS["tiny"])
+    ema = M.MMDiT(M.PRESETS["tiny"])
+    T.freeze_unused(model)
+    step, _ = T.load_checkpoint(before, model, ema, T.make_optimizer(model, 1e-3))
+    assert step == 2
+
+
+def test_nan_loss_stops_with_a_message(tiny_pipeline, tmp_path, monkeypatch):
+    out = str(tmp_path / "n")
+    real = F.fm_loss
+    calls = []
+
+    def poisoned(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) > 4 else loss  # steps 1-2 fine, step 3 NaN
+
+    monkeypatch.setattr(F, "fm_loss", poisoned)
+    with pytest.raises(SystemExit, match="loss is nan at step 2.*step_000002"):
+        run_fm(tiny_pipeline, out, steps=4)
+
+
+def test_lora_run_changes_only_lora_targets(tiny_pipeline, tmp_path):
+    """A LoRA run from an existing transformer: the merged export differs from the init only in the LoRA
+    target Linears (to_q, to_k, to_v, to_out.0)."""
+    init = os.path.join(tiny_pipeline, "transformer")
+    run_fm(tiny_pipeline, str(tmp_path / "l"), steps=2, init=init, lora_rank=4, lora_alpha=4.0)
+    a, b = M.load_mmdit(init).state_dict(), M.load_mmdit(str(tmp_path / "l" / "transformer")).state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for k in changed)
+
+
+def torchrun(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+
+
+def test_ddp_and_fsdp2_match_one_process():
+    """Two gloo processes: DDP and FSDP2 (with no-sync accumulation) make the same update as one process on the
+    whole batch, and the DDP ranks hold identical weights."""
+    r = torchrun(os.path.join(ROOT, "tests", "dist_check.py"), ROOT)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, r.stderr[-2000:]
+    res = json.loads(line[0][7:])
+    assert res["moved"] > 1e-3  # the steps did something
+    assert res["ddp_vs_single"] < 1e-5 and res["fsdp_vs_ddp"] < 1e-5 and res["ranks_differ"] == 0.0
+
+
+def test_train_fm_runs_under_torchrun(tiny_pipeline, tmp_path):
+    """The real script, two processes, two steps: it completes and exports loadable folders."""
+    out = str(tmp_path / "d")
+    r = torchrun("train_fm.py", "--assets", tiny_pipeline, "--n_data", "8", "--budget", str(64 * 64), "--cache",
+                 os.path.join(out, "cache"), "--out", out, "--preset", "tiny", "--steps", "2", "--batch", "4",
+                 "--micro_batch", "1", "--eval_cases", "0", "--save_every", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    M.load_mmdit(os.path.join(out, "ema_transformer"))

@@ -1,0 +1,265 @@
+"""
+Flow-matching training of the MMDiT (paper §4.2, §5.1, Eq. 1): the teacher of UniPic 3.0.
+
+Each example is one unified sequence [target ‖ ref_1 ‖ … ‖ ref_K]: only the target tokens are noised,
+x_t = (1 − t)·x + t·ε, the references stay clean, and the loss is the velocity error on the target rows.
+Single-image editing and multi-image composition are the same problem here; the toy world mixes both.
+
+    python train_fm.py                                                 # toy teacher, one process, CPU
+    torchrun --standalone --nproc_per_node=2 train_fm.py               # toy teacher, 2 processes (gloo)
+    torchrun --nproc_per_node=8 train_fm.py --assets Qwen-Image-Edit --data train.jsonl --init Unipic3/transformer \
+        --fsdp true --bf16 true --grad_ckpt true --lr 1e-4 --batch 64 --micro_batch 1 --budget 1048576   # 20B, GPUs
+
+Data: the toy world (default) or an official jsonl; either is encoded once (VAE latents + condition
+embeddings of the instruction and of the null prompt " " with the same images) into a safetensors cache.
+Every flag is a field of Config below.
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data as D
+import model as M
+import train_common as T
+from pack import collate, pad_text, target_rows, unified_sequence
+from sample import TOY_CKPT, SchedulerConfig, calculate_mu, shift_value
+
+# -----------------------------------------------------------------------------
+# the objective
+
+
+def fm_loss(model, x, shapes, txt, txt_mask, t, noise):
+    """Eq. (1) on the target rows. x, noise [B, N, C] (clean unified sequences, zero-padded); t [B] in (0, 1).
+    Per-sample mean squared velocity error, then the batch mean (the official trainers run batch 1 per GPU)."""
+    tgt = target_rows(shapes, x.shape[1], x.device)[..., None]  # [B, N, 1]
+    tt = t[:, None, None]
+    xt = torch.where(tgt, (1 - tt) * x + tt * noise, x)  # references stay clean
+    v = model(xt, shapes, txt, txt_mask, t)
+    err = (v.float() - (noise - x).float()).pow(2) * tgt
+    return (err.sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
+
+
+def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
+    """Logit-normal t, then the same dynamic shift as sampling, from each sample's target token count."""
+    u = torch.randn(len(shapes), generator=generator) * std + mean
+    t = torch.sigmoid(u)
+    shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
+    return shift * t / (1 + (shift - 1) * t)
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
+    data: str = "toy"  # "toy" (the toy world) or an official jsonl of triplets
+    n_data: int = 20000  # toy samples to generate and cache
+    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs; the target alone is resized to it too
+    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go
+    out: str = "runs/fm"
+    init: str = ""  # a transformer folder to fine-tune (official or ours); empty: from scratch
+    preset: str = "toy"  # the config when starting from scratch
+    steps: int = 3000
+    batch: int = 16  # global batch; accumulation = batch / (micro_batch · processes)
+    micro_batch: int = 8
+    lr: float = 5e-4
+    lr_min: float = 5e-5
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    cond_drop: float = 0.1  # instruction → " " (same images), so true CFG works at inference
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    lora_rank: int = 0  # > 0: train LoRA adapters only (merged into the exported folders)
+    lora_alpha: float = 16.0
+    fsdp: bool = False  # FSDP2 per block instead of DDP (for the 20B model)
+    bf16: bool = False  # bf16 autocast / FSDP2 bf16 params (GPU)
+    grad_ckpt: bool = False
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 1000
+    eval_cases: int = 16  # ToyCom-Bench cases sampled at each eval (toy data only)
+    eval_steps: int = 20
+    seed: int = 0
+    resume: bool = False
+
+
+# -----------------------------------------------------------------------------
+# data: encode once, then batches of unified sequences
+
+
+def build_cache(cfg, rank, world):
+    """Each process encodes its share (i ≡ rank mod world) into cache/part{rank}; returns the full dataset."""
+    parts = [os.path.join(cfg.cache, f"part{r}of{world}") for r in range(world)]
+    if not os.path.exists(os.path.join(parts[rank], "index.json")):
+        import text_encoder as TE
+        import vae as V
+
+        vae = V.load_vae(os.path.join(cfg.assets, "vae"))
+        te = TE.load_text_encoder(cfg.assets)
+        if cfg.data == "toy":
+            ds = D.ToyDataset(cfg.n_data, seed=D.TRAIN_SEED + cfg.seed, budget=cfg.budget)
+        else:
+            ds = D.JsonlDataset(cfg.data, budget=cfg.budget)
+        shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
+        # references arrive jointly resized already (pixel_budget=None: only the 28/32 copy for the encoder);
+        # the posterior mean is cached (the official trainers draw a VAE sample each time)
+        D.cache_latents(shard, lambda x: vae.normalize(vae.encode(x)), lambda p, ims: te.encode(p, ims, pixel_budget=None),
+                        parts[rank], null_prompt=" ")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return torch.utils.data.ConcatDataset([D.LatentDataset(p) for p in parts])
+
+
+def batch_indices(step, n, global_batch, seed):
+    """The global batch of a step: a fresh permutation each epoch, so the data position is just the step."""
+    out = []
+    for k in range(step * global_batch, (step + 1) * global_batch):
+        epoch, pos = divmod(k, n)
+        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[pos]))
+    return out
+
+
+def make_batch(items, cond_drop, generator, device):
+    """Cached items → x [B, N, C], shapes, txt [B, L, D], txt_mask; the instruction is dropped to " " at cond_drop."""
+    seqs, shapes, txts = [], [], []
+    drop = torch.rand(len(items), generator=generator) < cond_drop
+    for it, d in zip(items, drop):
+        s, hw = unified_sequence(it["target"], it["refs"])
+        seqs.append(s)
+        shapes.append(hw)
+        txts.append(it["neg"] if d else it["txt"])
+    txt, txt_mask = pad_text(txts)
+    return collate(seqs, shapes).to(device), shapes, txt.to(device), txt_mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(cfg):
+    rank, world, device = T.setup_dist()
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.out, exist_ok=True)
+    per_rank = cfg.batch // world
+    if cfg.batch % world or per_rank % cfg.micro_batch:
+        raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
+    accum = per_rank // cfg.micro_batch
+    dataset = build_cache(cfg, rank, world)
+
+    if cfg.init:
+        model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
+    else:
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+        model = M.MMDiT(M.PRESETS[cfg.preset]).init_weights()
+    model.gradient_checkpointing = cfg.grad_ckpt
+    if cfg.lora_rank:
+        M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    T.freeze_unused(model)
+    ema = M.MMDiT(model.cfg) if not cfg.lora_rank else None
+    if ema is not None:
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False).eval()
+    model.to(device)
+    dmodel = T.wrap(model, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
+    opt = T.make_optimizer(dmodel, cfg.lr, cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)  # noise, t and condition dropout
+
+    step = 0
+    if cfg.resume and T.latest_checkpoint(cfg.out):
+        step, _ = T.load_checkpoint(T.latest_checkpoint(cfg.out), dmodel, ema, opt, g)
+        if rank == 0:
+            print(f"resumed from step {step}")
+    meter = T.Meter(cfg.out, rank)
+    params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"{params / 1e6:.2f}M params, {len(dataset)} cached samples, {world} process(es), "
+              f"batch {cfg.batch} = {world} × {accum} × {cfg.micro_batch}")
+    pbar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="fm")
+    t_last, tokens, padded, logged = time.time(), 0, 0, step
+    while step < cfg.steps:
+        lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, len(dataset), cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+        loss_sum = 0.0
+        for m in range(accum):
+            items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+            x, shapes, txt, txt_mask = make_batch(items, cfg.cond_drop, g, device)
+            t = sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
+            noise = torch.randn(x.shape, generator=g).to(device)
+            with T.no_sync(dmodel, last=m == accum - 1), torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                loss = fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
+                (loss / accum).backward()
+            loss_sum += loss.item() / accum
+            real = sum(sum(h * w for h, w in hw) for hw in shapes)
+            tokens, padded = tokens + real, padded + x.shape[0] * x.shape[1] - real
+        loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
+        if not math.isfinite(loss_avg):
+            last = T.latest_checkpoint(cfg.out)
+            raise SystemExit(f"error: loss is {loss_avg} at step {step}; stopped. Last good checkpoint: {last}")
+        gnorm = torch.nn.utils.clip_grad_norm_(dmodel.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            T.ema_update(ema, dmodel, cfg.ema)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.time() - t_last
+            tok_s = T.mean_over_ranks(torch.tensor(float(tokens))).item() * world / dt
+            meter.log(step=step, loss=loss_avg, lr=lr, grad_norm=round(gnorm, 4), tokens_per_s=round(tok_s),
+                      samples_per_s=round((step - logged) * cfg.batch / dt, 2), padded=round(padded / max(1, padded + tokens), 3))
+            pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
+            t_last, tokens, padded, logged = time.time(), 0, 0, step
+        pbar.update(1)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank)
+            if cfg.lora_rank:
+                export_lora(cfg, dmodel, rank)
+            else:
+                T.export(cfg.out, dmodel, ema, "teacher", rank)
+        if rank == 0 and cfg.data == "toy" and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+            evaluate(cfg, ema if ema is not None else T.unwrap(dmodel), step, meter)
+    pbar.close()
+    T.cleanup_dist()
+
+
+def export_lora(cfg, dmodel, rank):
+    """LoRA runs export the base with the adapters merged in (official keys only)."""
+    sd = T.full_state_dict(dmodel)
+    if rank != 0:
+        return
+    base = T.unwrap(dmodel)
+    with torch.device("meta"):
+        m = M.MMDiT(base.cfg)
+    M.add_lora(m, cfg.lora_rank, cfg.lora_alpha)
+    m.load_state_dict(sd, strict=True, assign=True)
+    M.save_mmdit(M.merge_lora(m), os.path.join(cfg.out, "transformer"), name_or_path="nanounipic-teacher-lora")
+
+
+@torch.no_grad()
+def evaluate(cfg, model, step, meter):
+    """A few ToyCom-Bench cases with the 50-step-style Euler sampler (eval_steps) and CFG 4; PNG grid + metrics."""
+    import eval as E
+    import sample as S
+
+    was = model.training
+    pipe = S.load_pipeline(cfg.assets, transformer=model.eval())
+    cases = E.toycom_cases(n=cfg.eval_cases, n_edit=0)
+    gen = lambda batch: S.generate(pipe, [c["instruction"] for c in batch], [c["input_images"] for c in batch],
+                                   steps=cfg.eval_steps, cfg=4.0, sampler="euler", progress=False)
+    table = E.evaluate(gen, cases, os.path.join(cfg.out, f"eval_{step:06d}"))
+    meter.log(step=step, eval=table)
+    print(f"\nstep {step}:\n{E.format_table(table)}")
+    model.train(was)
+
+
+if __name__ == "__main__":
+    main(T.parse_config(Config, doc=__doc__))
