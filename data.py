@@ -23,6 +23,7 @@ API
 Seeds: training uses seeds in [0, BENCH_SEED); ToyCom-Bench (eval.py) draws from BENCH_SEED, held out.
 
     python data.py --out data_cache/toy --n 1000        # writes a toy jsonl dataset, prints samples/s
+    python data.py --assets assets/toy                  # rebuilds the toy tokenizer, text encoder and VAE
 """
 import argparse
 import itertools
@@ -535,13 +536,73 @@ class LatentDataset(torch.utils.data.Dataset):
                     instruction=e["instruction"], scene=e["scene"])
 
 
+# -----------------------------------------------------------------------------
+# the toy pipeline's frozen parts: tokenizer, condition encoder, VAE — in the official folder layout
+
+
+def toy_crops(seed=TRAIN_SEED, crop=64, budget=TOY_BUDGET):
+    """A callable n -> [n, 3, crop, crop] in [-1, 1]: random crops of toy targets and jointly resized sources."""
+    world, rng, counter, pool = ToyWorld(seed), random.Random(seed), itertools.count(), []
+
+    def batch(n):
+        out = []
+        while len(out) < n:
+            while not pool:
+                s = world.sample(next(counter))
+                ims = [s["output_image"]] + pack.joint_resize(s["input_images"], budget)
+                pool.extend(im for im in ims if min(im.size) >= crop)
+            im = pool.pop()
+            x0, y0 = rng.randrange(im.width - crop + 1), rng.randrange(im.height - crop + 1)
+            out.append(pack.image_to_tensor(im.crop((x0, y0, x0 + crop, y0 + crop))))
+        return torch.stack(out)
+
+    return batch
+
+
+def build_toy_assets(root, vae_steps=1600, vocab_size=512, seed=0):
+    """Write ROOT/{tokenizer,processor,text_encoder,vae,scheduler}/ and model_index.json: a byte-level BPE trained
+    on the toy instructions, a random frozen tiny Qwen2.5-VL (its features carry the tokens and images), and a
+    narrow VAE fitted on toy crops (L1 + MSE + small KL). The denoiser is trained on top by train_fm.py."""
+    import text_encoder as TE
+    import vae as V
+
+    torch.manual_seed(seed)
+    corpus = instruction_corpus(3000, seed) + [" ", "Combine the reference images to generate the final result."]
+    vocab, merges = TE.train_bpe(corpus, vocab_size)
+    TE.save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
+    tok = TE.Tokenizer.from_folder(os.path.join(root, "tokenizer"))
+    te = TE.TextEncoder(TE.toy_config(tok), tok)
+    TE.init_weights(te)
+    TE.save_text_encoder(te, root)
+    torch.manual_seed(seed)
+    vae = V.VAE(V.VAEConfig.toy())
+    metrics = V.fit_vae(vae, toy_crops(seed), steps=vae_steps, seed=seed)
+    V.save_vae(vae, os.path.join(root, "vae"))
+    sched = dict(_class_name="FlowMatchEulerDiscreteScheduler", base_image_seq_len=256, base_shift=0.5,
+                 max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
+                 time_shift_type="exponential", use_dynamic_shifting=True)  # the Qwen-Image values, unchanged
+    os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
+    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched, f, indent=2)
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "QwenImageEditPipeline", "nanounipic_pixel_budget": TOY_BUDGET,
+                   "nanounipic_vae_fit": metrics}, f, indent=2)
+    return metrics
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a toy-world dataset in the official jsonl format.")
+    p = argparse.ArgumentParser(description="Write a toy-world dataset in the official jsonl format, or rebuild the "
+                                            "toy pipeline's frozen parts (--assets).")
     p.add_argument("--out", default="data_cache/toy")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
+    p.add_argument("--assets", help="build tokenizer, text encoder and VAE into this pipeline folder (e.g. assets/toy)")
+    p.add_argument("--vae_steps", type=int, default=1600)
     args = p.parse_args(argv)
     t = time.time()
+    if args.assets:
+        print(build_toy_assets(args.assets, args.vae_steps, seed=args.seed), f"{time.time() - t:.0f}s")
+        return
     path = write_jsonl(args.out, args.n, args.seed)
     print(f"wrote {args.n} samples to {path} ({args.n / (time.time() - t):.0f} samples/s with PNG writing)")
 

@@ -17,7 +17,8 @@ squared error over the pixels where candidates differ); a region farther than TA
   overall    sqrt(min(adherence, identity) · quality): the VIEScore combination MultiCom-Bench follows
   psnr       to the exact target, reported beside (not in overall)
 
-    python eval.py --oracle exact        # judge sanity numbers: exact / blank / noise / shuffled targets
+    python eval.py --oracle exact        # judge sanity numbers: exact / blank / noise / shuffled targets / vae
+    python eval.py --transformer assets/toy/transformer --steps 50 --cfg 4    # a model, through sample.py
 
 API: judge(image, scene) -> dict; toycom_cases(n, n_edit) -> [case]; evaluate(generate_fn, cases, out_dir) -> table,
 where generate_fn(list of cases) -> list of PIL images (e.g. the sampler); format_table(table) -> str.
@@ -173,8 +174,7 @@ def make_table(cases, scores):
     """Table 2 shape: composition 2–3 | 4–6 | overall, and editing by op | overall."""
     table = {}
     for name, groups in (("composition", ["2-3 images", "4-6 images"]), ("editing", EDIT_OPS)):
-        part = {g: _means([s for c, s in zip(cases, scores) if c["group"] == g]) for g in groups}
-        part = {g: v for g, v in part.items() if v["n"]}
+        part = {g: _means(sel) for g in groups if (sel := [s for c, s in zip(cases, scores) if c["group"] == g])}
         if part:
             table[name] = part | dict(overall=_means([s for c, s in zip(cases, scores) if c["group"] in groups]))
     return table
@@ -251,15 +251,63 @@ def oracle(name, cases):
     return generate
 
 
+def model_generate(pipe, steps, cfg, sampler=None, seed=0):
+    """A generate_fn that runs the sampler (sample.py) on a batch of cases, at each case's target size."""
+    import sample
+
+    def generate(batch):
+        out = []
+        for size in sorted({tuple(c["scene"]["size"]) for c in batch}):  # one call per output size
+            sub = [c for c in batch if tuple(c["scene"]["size"]) == size]
+            ims = sample.generate(pipe, [c["instruction"] for c in sub], [c["input_images"] for c in sub], steps=steps,
+                                  cfg=cfg, sampler=sampler, seed=seed, width=size[0], height=size[1], progress=False)
+            out += list(zip([c["index"] for c in sub], ims))
+        order = {i: im for i, im in out}
+        return [order[c["index"]] for c in batch]
+
+    return generate
+
+
+def vae_generate(vae):
+    """A generate_fn returning the VAE reconstruction of the exact target: the ceiling the VAE puts on any model."""
+    import torch
+
+    @torch.no_grad()
+    def generate(batch):
+        return [pack.tensor_to_image(vae.decode(vae.encode(pack.image_to_tensor(c["output_image"])[None]))[0]) for c in batch]
+
+    return generate
+
+
 def main(argv=None):
+    import sample
+
     p = argparse.ArgumentParser(description="ToyCom-Bench: judge generated images on the held-out toy benchmark.")
-    p.add_argument("--oracle", choices=["exact", "blank", "noise", "shuffled"], default="exact")
+    p.add_argument("--transformer", help="judge this transformer folder (sampled with sample.py); default: an oracle")
+    p.add_argument("--ckpt", default=sample.TOY_CKPT, help="pipeline root with vae/ and text_encoder/")
+    p.add_argument("--steps", type=int, help="sampler steps (default 50 euler / 8 fewstep)")
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--sampler", choices=["euler", "fewstep"])
+    p.add_argument("--oracle", choices=["exact", "blank", "noise", "shuffled", "vae"], default="exact",
+                   help="without --transformer: judge the exact targets, blanks, noise, another case's target, or "
+                        "the VAE reconstruction of the target")
     p.add_argument("--n", type=int, default=200, help="composition cases (half 2-3, half 4-6 inputs)")
     p.add_argument("--n_edit", type=int, default=100, help="editing cases")
     p.add_argument("--out", default="out/eval")
     args = p.parse_args(argv)
     cases = toycom_cases(args.n, args.n_edit)
-    generate_fn = oracle(args.oracle, cases)  # a model: generate_fn = the sampler over a batch of cases
+    try:
+        if args.transformer:
+            pipe = sample.load_pipeline(args.ckpt, args.transformer)
+            generate_fn = model_generate(pipe, args.steps, args.cfg, args.sampler)
+        elif args.oracle == "vae":
+            import vae
+
+            generate_fn = vae_generate(vae.load_vae(os.path.join(args.ckpt, "vae")))
+        else:
+            generate_fn = oracle(args.oracle, cases)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     table = evaluate(generate_fn, cases, args.out)
     print(format_table(table))
     print(f"wrote {args.out}/table.json, scores.jsonl, grid.png")

@@ -275,6 +275,9 @@ def grid(inputs, output, size=None):
 # CLI
 
 
+DEFAULT_PROMPT = "Combine the reference images to generate the final result."  # the official demo's default
+
+
 def builtin_example():
     """A held-out toy-world composition case: its inputs, instruction and exact target."""
     import data
@@ -317,7 +320,7 @@ def main(argv=None):
                         images.append(im.copy())
                 except (OSError, UnidentifiedImageError) as e:
                     raise ValueError(f"cannot read image {f}: {str(e).splitlines()[0]}") from None
-            prompt = args.prompt or "Combine the reference images to generate the final result."
+            prompt = args.prompt or DEFAULT_PROMPT
         else:
             images, prompt, target = builtin_example()
             prompt = args.prompt or prompt

@@ -246,16 +246,14 @@ def export_lora(cfg, dmodel, rank):
 
 @torch.no_grad()
 def evaluate(cfg, model, step, meter):
-    """A few ToyCom-Bench cases with the 50-step-style Euler sampler (eval_steps) and CFG 4; PNG grid + metrics."""
+    """A few ToyCom-Bench cases with the Euler sampler (eval_steps) and CFG 4: metrics line and a PNG grid."""
     import eval as E
     import sample as S
 
     was = model.training
     pipe = S.load_pipeline(cfg.assets, transformer=model.eval())
     cases = E.toycom_cases(n=cfg.eval_cases, n_edit=0)
-    gen = lambda batch: S.generate(pipe, [c["instruction"] for c in batch], [c["input_images"] for c in batch],
-                                   steps=cfg.eval_steps, cfg=4.0, sampler="euler", progress=False)
-    table = E.evaluate(gen, cases, os.path.join(cfg.out, f"eval_{step:06d}"))
+    table = E.evaluate(E.model_generate(pipe, cfg.eval_steps, 4.0, "euler"), cases, os.path.join(cfg.out, f"eval_{step:06d}"))
     meter.log(step=step, eval=table)
     print(f"\nstep {step}:\n{E.format_table(table)}")
     model.train(was)
