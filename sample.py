@@ -173,10 +173,12 @@ def checkpoint_kind(transformer_dir):
 
 def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
     """ckpt: a pipeline root (transformer/ vae/ text_encoder/ tokenizer/ processor/ scheduler/);
-    transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer), or a model."""
+    transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer), or a model.
+    dtype: default bf16 on GPU, fp32 on CPU (whatever the files store)."""
     import text_encoder as TE
     import vae as V
 
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if not os.path.isdir(ckpt):
         raise ValueError(f"checkpoint folder {ckpt} does not exist")
     for part in (os.path.join(ckpt, "vae"), os.path.join(ckpt, "text_encoder")):
@@ -193,8 +195,8 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
     budget = json.load(open(index)).get("nanounipic_pixel_budget", 1024 * 1024) if os.path.exists(index) else 1024 * 1024
     return Pipeline(
         transformer=net,
-        vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype or torch.float32, device=device),
-        text_encoder=TE.load_text_encoder(ckpt, dtype=dtype or torch.float32, device=device),
+        vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype, device=device),
+        text_encoder=TE.load_text_encoder(ckpt, dtype=dtype, device=device),
         sched=SchedulerConfig.from_folder(ckpt),
         pixel_budget=budget,
         sampler=kind,

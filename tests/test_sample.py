@@ -198,3 +198,13 @@ def test_cli_bad_inputs_one_line_and_no_output(tiny_pipeline, tmp_path, argv, wo
     msg = str(e.value)
     assert words in msg and "\n" not in msg
     assert not out.exists() and not (tmp_path / "out.png.tmp").exists()
+
+
+def test_default_command_uses_the_embedded_toy_model(tmp_path):
+    """`python sample.py --steps 8` on a fresh clone: the committed toy pipeline and the built-in held-out example."""
+    from PIL import Image
+
+    out = tmp_path / "sample.png"
+    S.main(["--steps", "2", "--out", str(out), "--grid"])
+    assert Image.open(out).size == (128, 128)
+    assert Image.open(tmp_path / "sample_grid.png").height == 128
