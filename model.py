@@ -16,7 +16,7 @@ so `load_mmdit` is a strict `load_state_dict` with no renaming.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn

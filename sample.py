@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from pack import collate, image_to_tensor, joint_resize, pack, pad_text, tensor_to_image, to_rgb, unpack, unified_sequence
+from pack import (collate, image_to_tensor, joint_resize, pack, pad_text, target_rows, tensor_to_image, to_rgb,
+                  unified_sequence, unpack)
 
 TOY_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
 
@@ -106,7 +107,7 @@ def denoise(model, refs, target_hw, txt, txt_mask, neg=None, neg_mask=None, *, s
     Returns B tensors [h·w, 4C]: the denoised target tokens."""
     sched = sched or SchedulerConfig()
     param = next(model.parameters())
-    dtype, device, B = param.dtype, param.device, len(target_hw)
+    dtype, device = param.dtype, param.device
     C = model.cfg.in_channels // 4
     if noise is None:
         noise = [pack(torch.randn(1, C, 2 * h, 2 * w, generator=generator))[0] for h, w in target_hw]
@@ -116,8 +117,7 @@ def denoise(model, refs, target_hw, txt, txt_mask, neg=None, neg_mask=None, *, s
         seqs.append(s.to(device, dtype))
         shapes.append(hw)
     x = collate(seqs, shapes)  # [B, N, 4C]
-    n_tgt = torch.tensor([h * w for h, w in target_hw], device=device)
-    tgt = (torch.arange(x.shape[1], device=device)[None] < n_tgt[:, None])[..., None]  # [B, N, 1]
+    tgt = target_rows(shapes, x.shape[1], device)[..., None]  # [B, N, 1]: the rows that are denoised
 
     use_cfg = cfg > 1 and neg is not None
     if use_cfg:  # one forward for both branches: the same image rows, text = [cond; uncond]

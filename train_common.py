@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
