@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from pack import image_mask
+
 # -----------------------------------------------------------------------------
 # stateless helpers: timestep embedding, RMSNorm math, MSRoPE
 
@@ -308,8 +310,7 @@ class MMDiT(nn.Module):
         B, N, _ = x.shape
         L = txt.shape[1]
         self._check(x, shapes, txt, txt_mask, t)
-        lens = torch.tensor([sum(h * w for h, w in hw) for hw in shapes], device=x.device)
-        img_mask = torch.arange(N, device=x.device)[None] < lens[:, None]  # [B, N]
+        img_mask = image_mask(shapes, N, x.device)  # [B, N]: the rows each sample owns
         keep = torch.cat([txt_mask.bool(), img_mask], dim=1)  # keys to attend to, text first
         mask = None if bool(keep.all()) else keep[:, None, None, :]
 

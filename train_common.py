@@ -106,9 +106,14 @@ def no_sync(model, last):
     return contextlib.nullcontext()
 
 
+def is_sharded(model):
+    """True when FSDP2 has turned the parameters into DTensor shards."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def full_state_dict(model):
     """The whole model's weights on the CPU (gathered from FSDP2 shards when sharded), official names."""
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -147,7 +152,7 @@ def lr_at(step, lr, lr_min, warmup, total):
 def ema_update(ema, model, decay):
     """ema ← decay·ema + (1 − decay)·model, over the full weights. Under FSDP2 the gather is collective and only
     rank 0 receives (and keeps) the EMA."""
-    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    sharded = is_sharded(model)
     src = full_state_dict(model) if sharded else unwrap(model).state_dict()
     if not src:
         return
@@ -182,7 +187,7 @@ def _unflatten_optimizer(tensors, meta):
 
 
 def _optimizer_state(model, opt):
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -248,7 +253,7 @@ def load_checkpoint(folder, model, ema, opt, generator=None):
     state = json.load(open(os.path.join(folder, "state.json")))
     msd = load_file(os.path.join(folder, "model.safetensors"))
     otensors = load_file(os.path.join(folder, "optim.safetensors"))
-    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    sharded = is_sharded(model)
     osd = _unflatten_optimizer(otensors, state["optimizer"])
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
