@@ -59,6 +59,21 @@ def test_timesteps_logit_normal_and_shifted():
     t = F.sample_t(shapes, torch.Generator().manual_seed(0))
     assert 0 < t.min() and t.max() < 1
     assert 0.5 < t.median() < 0.65  # the median of sigmoid(N(0,1)) is 0.5; the shift moves it to shift/(1+shift)
+    # the toy recipe's logit mean 1 moves the median to the shifted sigmoid(1) and puts ~10x more mass near t = 1
+    t1 = F.sample_t([[(8, 8)]] * 4000, torch.Generator().manual_seed(0), mean=1.0)
+    t0 = F.sample_t([[(8, 8)]] * 4000, torch.Generator().manual_seed(0), mean=0.0)
+    assert 0.78 < t1.median() < 0.86 and (t1 > 0.95).float().mean() > 5 * (t0 > 0.95).float().mean()
+
+
+def test_ema_warmup():
+    """The EMA decay ramps up, (1 + step) / (10 + step), to its configured value: the init fades from a short run."""
+    assert T.ema_decay(0, 0.998) == pytest.approx(0.1)
+    assert T.ema_decay(90, 0.998) == pytest.approx(0.91)
+    assert T.ema_decay(10_000, 0.998) == 0.998
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    w0 = ema.weight.detach().clone()
+    T.ema_update(ema, model, T.ema_decay(0, 0.998))  # the first update keeps only a tenth of the init
+    assert torch.allclose(ema.weight, 0.1 * w0 + 0.9 * model.weight.detach())
 
 
 def run_fm(tiny_pipeline, out, **kw):
