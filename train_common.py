@@ -148,13 +148,13 @@ def lr_at(step, lr, lr_min, warmup, total):
     return lr * max(math.cos(math.pi * x / 2), lr_min / lr)
 
 
-@torch.no_grad()
 def ema_decay(step, decay):
     """EMA warm-up: min(decay, (1 + step) / (10 + step)), so a short run's EMA is not dominated by the init
     (0.998 alone still weighs the init 25% after 700 steps)."""
     return min(decay, (1 + step) / (10 + step))
 
 
+@torch.no_grad()
 def ema_update(ema, model, decay):
     """ema ← decay·ema + (1 − decay)·model, over the full weights. Under FSDP2 the gather is collective and only
     rank 0 receives (and keeps) the EMA."""
