@@ -90,7 +90,7 @@ class Config:
     eval_every: int = 3800
     eval_cases: int = 16  # ToyCom-Bench cases sampled at each eval (toy data only)
     eval_steps: int = 20
-    eval_cfg: float = 2.0  # the toy model's best guidance (the official default, 4, scores 0.35 against 0.45)
+    eval_cfg: float = 2.0  # the toy model's best guidance: the committed teacher scores 0.737 at CFG 2, 0.691 at the official 4
     seed: int = 0
     resume: bool = False
 
