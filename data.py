@@ -525,12 +525,21 @@ class LatentDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.index)
 
-    def __getitem__(self, i):
+    def _file(self, i):
         e = self.index[i]
         if e["shard"] not in self.files:
             fn = os.path.join(self.path, f"shard-{e['shard']:05d}.safetensors")
             self.files[e["shard"]] = safe_open(fn, framework="pt")
-        f = self.files[e["shard"]]
+        return e, self.files[e["shard"]]
+
+    def length(self, i):
+        """Rows item i takes in the MMDiT, text + image tokens (2×2 patches), read from the headers only."""
+        e, f = self._file(i)
+        shapes = [f.get_slice(f"{i}.{k}").get_shape() for k in ["target"] + [f"ref{r}" for r in range(e["refs"])]]
+        return f.get_slice(f"{i}.txt").get_shape()[0] + sum(h // 2 * (w // 2) for _, h, w in shapes)
+
+    def __getitem__(self, i):
+        e, f = self._file(i)
         return dict(target=f.get_tensor(f"{i}.target"), refs=[f.get_tensor(f"{i}.ref{k}") for k in range(e["refs"])],
                     txt=f.get_tensor(f"{i}.txt"), neg=f.get_tensor(f"{i}.neg") if e.get("neg") else None,
                     instruction=e["instruction"], scene=e["scene"])

@@ -15,6 +15,7 @@ Data: the toy world (default) or an official jsonl; either is encoded once (VAE 
 embeddings of the instruction and of the null prompt " " with the same images) into a safetensors cache.
 Every flag is a field of Config below.
 """
+import functools
 import math
 import os
 import time
@@ -66,7 +67,7 @@ class Config:
     out: str = "runs/fm"
     init: str = ""  # a transformer folder to fine-tune (official or ours); empty: from scratch
     preset: str = "toy"  # the config when starting from scratch
-    steps: int = 3800  # toy: 23.4 minutes for the whole command at ~2.7 steps/s on 2 CPU processes (cache apart)
+    steps: int = 4600  # toy: 24.1 minutes for the whole command at ~3.2 steps/s on 2 CPU processes (cache apart)
     batch: int = 16  # global batch; accumulation = batch / (micro_batch · processes)
     micro_batch: int = 8
     lr: float = 4e-3  # toy width 96; ~1/width: 2e-3 beat 1e-3 at width 192 (ToyCom 0.202 vs 0.136), 3e-3 at 128
@@ -87,7 +88,7 @@ class Config:
     grad_ckpt: bool = False
     log_every: int = 10
     save_every: int = 500
-    eval_every: int = 3800
+    eval_every: int = 4600
     eval_cases: int = 16  # ToyCom-Bench cases sampled at each eval (toy data only)
     eval_steps: int = 20
     eval_cfg: float = 2.0  # the toy model's best guidance: the committed teacher scores 0.737 at CFG 2, 0.691 at the official 4
@@ -129,13 +130,21 @@ def build_cache(cfg, rank, world):
     return torch.utils.data.ConcatDataset([D.LatentDataset(p) for p in parts])
 
 
-def batch_indices(step, n, global_batch, seed):
-    """The global batch of a step: a fresh permutation each epoch, so the data position is just the step."""
-    out = []
-    for k in range(step * global_batch, (step + 1) * global_batch):
-        epoch, pos = divmod(k, n)
-        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[pos]))
-    return out
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batch_indices(step, lengths, global_batch, seed, pool=8):
+    """The global batch of a step. Each epoch is a fresh permutation, so the data position is just the step.
+    Every `pool` consecutive batches are sorted by sequence length and dealt out again in a random order: a
+    micro-batch then holds samples of similar length, which cuts collation padding (toy: 17% → 8% of rows)."""
+    n, first = len(lengths), step // pool * pool
+    idx = [epoch_order(n, seed, k // n)[k % n] for k in range(first * global_batch, (first + pool) * global_batch)]
+    idx.sort(key=lambda i: lengths[i])
+    order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed * 1000 + first)).tolist()
+    j = order[step - first]
+    return idx[j * global_batch : (j + 1) * global_batch]
 
 
 def make_batch(items, cond_drop, generator, device):
@@ -164,6 +173,7 @@ def main(cfg):
         raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
     accum = per_rank // cfg.micro_batch
     dataset = build_cache(cfg, rank, world)
+    lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]  # rows per sample, for batch_indices
 
     if cfg.init:
         model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
@@ -194,12 +204,12 @@ def main(cfg):
         print(f"{params / 1e6:.2f}M params, {len(dataset)} cached samples, {world} process(es), "
               f"batch {cfg.batch} = {world} × {accum} × {cfg.micro_batch}")
     pbar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="fm")
-    t_last, tokens, padded, logged = time.time(), 0, 0, step
+    t_last, tokens, rows, padded, logged = time.time(), 0, 0, 0, step
     while step < cfg.steps:
         lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = batch_indices(step, len(dataset), cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+        idx = batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
         loss_sum = 0.0
         for m in range(accum):
             items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
@@ -210,8 +220,9 @@ def main(cfg):
                 loss = fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
                 (loss / accum).backward()
             loss_sum += loss.item() / accum
-            real = sum(sum(h * w for h, w in hw) for hw in shapes)
-            tokens, padded = tokens + real, padded + x.shape[0] * x.shape[1] - real
+            real = sum(sum(h * w for h, w in hw) for hw in shapes)  # image tokens
+            tokens, rows = tokens + real, rows + x.shape[0] * (x.shape[1] + txt.shape[1])  # rows: image + text, padded
+            padded += x.shape[0] * (x.shape[1] + txt.shape[1]) - real - int(txt_mask.sum())
         loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
         if not math.isfinite(loss_avg):
             last = T.latest_checkpoint(cfg.out)
@@ -226,9 +237,9 @@ def main(cfg):
             dt = time.time() - t_last
             tok_s = T.mean_over_ranks(torch.tensor(float(tokens))).item() * world / dt
             meter.log(step=step, loss=loss_avg, lr=lr, grad_norm=round(gnorm, 4), tokens_per_s=round(tok_s),
-                      samples_per_s=round((step - logged) * cfg.batch / dt, 2), padded=round(padded / max(1, padded + tokens), 3))
+                      samples_per_s=round((step - logged) * cfg.batch / dt, 2), padded=round(padded / max(1, rows), 3))
             pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
-            t_last, tokens, padded, logged = time.time(), 0, 0, step
+            t_last, tokens, rows, padded, logged = time.time(), 0, 0, 0, step
         pbar.update(1)
         if step % cfg.save_every == 0 or step == cfg.steps:
             T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank)

@@ -206,6 +206,8 @@ def test_latent_cache_roundtrip(tmp_path):
         emb, mask = _encode_text([s["instruction"]], [s["input_images"]])
         assert torch.equal(e["txt"], emb[0][mask[0]])
         assert e["instruction"] == s["instruction"] and e["scene"] == s["scene"]
+        rows = e["txt"].shape[0] + sum(z.shape[1] // 2 * (z.shape[2] // 2) for z in [e["target"]] + e["refs"])
+        assert lat.length(i) == rows  # from the shard headers alone, for length-grouped batches
     pickle.dumps(lat)  # usable by DataLoader workers after it has opened shards
 
 

@@ -65,6 +65,19 @@ def test_timesteps_logit_normal_and_shifted():
     assert 0.78 < t1.median() < 0.86 and (t1 > 0.95).float().mean() > 5 * (t0 > 0.95).float().mean()
 
 
+def test_batches_cover_the_data_and_group_similar_lengths():
+    """batch_indices: deterministic in the step (so resume needs only the step), every sample once per epoch
+    (pools that do not straddle an epoch), and a batch spans far less of the length range than a random one."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(50, 250, (1024,), generator=g).tolist()
+    steps = [F.batch_indices(s, lengths, 16, seed=3) for s in range(64)]  # 64 steps × 16 = one epoch, 8 pools
+    assert steps == [F.batch_indices(s, lengths, 16, seed=3) for s in range(64)]
+    assert sorted(i for b in steps for i in b) == list(range(1024))
+    assert steps != [F.batch_indices(s, lengths, 16, seed=4) for s in range(64)]
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in steps]
+    assert sum(spread) / len(spread) < 0.2 * 200  # random batches of 16 span ~175 of the 200
+
+
 def test_ema_warmup():
     """The EMA decay ramps up, (1 + step) / (10 + step), to its configured value: the init fades from a short run."""
     assert T.ema_decay(0, 0.998) == pytest.approx(0.1)
