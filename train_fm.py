@@ -221,8 +221,8 @@ def main(cfg):
                 (loss / accum).backward()
             loss_sum += loss.item() / accum
             real = sum(sum(h * w for h, w in hw) for hw in shapes)  # image tokens
-            tokens, rows = tokens + real, rows + x.shape[0] * (x.shape[1] + txt.shape[1])  # rows: image + text, padded
-            padded += x.shape[0] * (x.shape[1] + txt.shape[1]) - real - int(txt_mask.sum())
+            batch_rows = x.shape[0] * (x.shape[1] + txt.shape[1])  # image + text rows, padding included
+            tokens, rows, padded = tokens + real, rows + batch_rows, padded + batch_rows - real - int(txt_mask.sum())
         loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
         if not math.isfinite(loss_avg):
             last = T.latest_checkpoint(cfg.out)
