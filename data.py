@@ -47,8 +47,10 @@ import pack
 TOY_BUDGET = 128 * 128  # toy pixel budget: all references together, and the target on its own
 TOY_SIZE = (128, 128)  # default target (W, H): a 16×16 latent, 8×8 = 64 tokens after 2×2 packing
 OUT_SIZES = [(128, 128), (160, 96), (96, 160), (144, 112), (112, 144)]  # mixed-shape targets within the budget
+WORLD_VERSION = 2  # part of every latent-cache fingerprint: a changed world is never served from an old cache
 TRAIN_SEED = 0  # training worlds use seeds in [0, BENCH_SEED)
 BENCH_SEED = 1_000_000  # ToyCom-Bench draws from seeds >= BENCH_SEED: held out from training
+VAL_SEED = 2_000_000  # the validation split (training-time monitoring, recipe choices): held out, not the bench
 EXAMPLE_SEED = 999_997  # sample.py's built-in example (sample 0: a 3-image composition); training uses small seeds
 MAX_IMAGES = 6  # official limit on input images
 MAX_PIXELS = 4096 * 4096  # larger images are skipped by the loader
@@ -120,7 +122,17 @@ def valid(positions):
 VALID_SETS = [s for r in range(len(POSITIONS) + 1) for s in itertools.combinations(POSITIONS, r) if valid(s)]
 
 # -----------------------------------------------------------------------------
-# rendering: canonical 128-px person layout, centred in the min(W, H) square of any canvas
+# rendering. The person is drawn in canonical 128-px coordinates under a transform tf = (ox, oy, s): a canonical
+# point (x, y) lands on pixel (ox + s·x, oy + s·y). A layout fixes what the inputs do not (ToyWorld v2): the
+# transform (placement and scale), the pose (each hand's height) and background details (horizon, a sun).
+
+HAND_Y = 76  # canonical hand height of the default pose; a layout moves each hand within HAND_YS
+HAND_YS = list(range(66, 80, 2))  # arm angles: hand heights, keeping every hand item inside its judged region
+BOTH_HAND_YS = list(range(70, 80, 2))  # with a two-handed item both hands share one height in this range
+SCALES = [round(0.78 + 0.02 * k, 2) for k in range(9)]  # person scale, a share of min(W, H): 0.78 .. 0.94
+HORIZON = (0.5, 0.75)  # horizon row as a share of H, for scenes with a ground colour (default 0.62)
+SUN = (255, 250, 215)  # a pale disk somewhere in the sky; no item, skin or ground colour is near it
+SUN_R = 0.06  # its radius as a share of min(W, H)
 
 
 def _map(tf, xy):  # canonical (x0, y0, x1, y1, ...) -> pixels under tf = (ox, oy, scale)
@@ -149,28 +161,36 @@ def _paint(d, tf, kind, xy, fill):
         d.polygon(pts, fill=fill, outline=INK, width=lw)
 
 
-def item_shapes(cat, position):
-    """The item's primitives in absolute canonical coordinates at its position (hand items mirrored outward)."""
-    hx, hy = HANDS.get(position, (0, 0))
+def hand_centres(hands=(HAND_Y, HAND_Y)):
+    """Canonical centres of the right and left hand for hand heights (right, left)."""
+    return {"right_hand": (HANDS["right_hand"][0], hands[0]), "left_hand": (HANDS["left_hand"][0], hands[1])}
+
+
+def item_shapes(cat, position, hands=(HAND_Y, HAND_Y)):
+    """The item's primitives in absolute canonical coordinates at its position: hand items mirrored outward
+    around their hand, two-handed items moved with the (shared) hand height."""
+    hx, hy = hand_centres(hands).get(position, (0, 0))
     out = -1 if hx < 64 else 1
     for kind, xy, filled in ITEM_SHAPES[cat]:
         if CATEGORIES[cat] == "hand":
             xy = [hx + out * v if j % 2 == 0 else hy + v for j, v in enumerate(xy)]
+        elif position == "both_hands":
+            xy = [v if j % 2 == 0 else v + hands[0] - HAND_Y for j, v in enumerate(xy)]
         yield kind, xy, filled
 
 
-def paint_item(d, tf, cat, colour, position):
-    for kind, xy, filled in item_shapes(cat, position):
+def paint_item(d, tf, cat, colour, position, hands=(HAND_Y, HAND_Y)):
+    for kind, xy, filled in item_shapes(cat, position, hands):
         _paint(d, tf, kind, xy, COLOURS[colour] if filled else INK)
 
 
-def paint_person(d, tf, person):
+def paint_person(d, tf, person, hands=(HAND_Y, HAND_Y)):
     skin, s = SKINS[person["skin"]], tf[2]
     for box in ((50, 92, 62, 112), (66, 92, 78, 112)):
         d.rectangle(_box(_map(tf, box)), fill=LEGS)
     for box in ((46, 108, 62, 116), (66, 108, 82, 116)):  # bare feet
         _paint(d, tf, "ellipse", box, skin)
-    for hx, hy in HANDS.values():
+    for hx, hy in hand_centres(hands).values():
         d.line(_map(tf, (64, 62, hx, hy)), fill=skin, width=max(1, round(7 * s)))
         _paint(d, tf, "ellipse", (hx - 6, hy - 6, hx + 6, hy + 6), skin)
     _paint(d, tf, "rect", (42, 52, 86, 94), SHIRTS[person["shirt"]])
@@ -179,29 +199,46 @@ def paint_person(d, tf, person):
         d.ellipse(_box(_map(tf, (x - 2, 33, x + 2, 37))), fill=INK)
 
 
-def layout(size):
-    """The transform of the canonical 128-px layout: centred in the min(W, H) square of a (W, H) canvas."""
+def default_layout(size):
+    """ToyWorld v1's fixed layout: the person filling the centred min(W, H) square, default pose, horizon at
+    62%, no sun. Source images use it; v2 targets draw a random one (ToyWorld.layout)."""
     S = min(size)
-    return (size[0] - S) / 2, (size[1] - S) / 2, S / 128
+    return dict(x=(size[0] - S) / 2, y=(size[1] - S) / 2, scale=1.0, hands=[HAND_Y, HAND_Y],
+                horizon=round(0.62 * size[1]), sun=None)
 
 
-def draw_scene(size, background, person=None, items=None):
-    """The exact image of a scene at size (W, H): background, a two-handed item (held behind the body), the
-    person, the other items. Without a person: the background alone (a scene source image)."""
+def transform(size, lay):
+    """The canonical -> pixel transform (ox, oy, s) of a layout on a (W, H) canvas."""
+    return lay["x"], lay["y"], lay["scale"] * min(size) / 128
+
+
+def draw_background(size, background, lay):
     W, H = size
     top, bottom, _ = SCENES[background]
     img = Image.new("RGB", (W, H), top)
     d = ImageDraw.Draw(img)
+    if lay.get("sun"):
+        r, (x, y) = SUN_R * min(size), lay["sun"]
+        d.ellipse((x - r, y - r, x + r, y + r), fill=SUN)
     if bottom:
-        d.rectangle((0, round(0.62 * H), W, H), fill=bottom)
-    tf, items = layout(size), items or {}
+        d.rectangle((0, lay["horizon"], W, H), fill=bottom)
+    return img, d
+
+
+def draw_scene(size, background, person=None, items=None, layout=None):
+    """The exact image of a scene at size (W, H) under a layout (default_layout if None): background and its
+    details, a two-handed item (held behind the body), the person, the other items. Without a person: the
+    background alone (a scene source image)."""
+    lay = layout or default_layout(size)
+    img, d = draw_background(size, background, lay)
+    tf, items, hands = transform(size, lay), items or {}, lay["hands"]
     if "both_hands" in items:
-        paint_item(d, tf, *items["both_hands"], "both_hands")
+        paint_item(d, tf, *items["both_hands"], "both_hands", hands)
     if person:
-        paint_person(d, tf, person)
+        paint_person(d, tf, person, hands)
     for p, (cat, colour) in items.items():
         if p != "both_hands":
-            paint_item(d, tf, cat, colour, p)
+            paint_item(d, tf, cat, colour, p, hands)
     return img
 
 
@@ -218,7 +255,7 @@ def draw_item(size, cat, colour):
 
 
 def render_inputs(scene):
-    """The source images of a scene, each at its own size."""
+    """The source images of a scene, each at its own size (an edit source under the target's layout, rescaled)."""
     out = []
     for src in scene["sources"]:
         if src["kind"] == "item":
@@ -226,8 +263,12 @@ def render_inputs(scene):
         elif src["kind"] == "scene":
             out.append(draw_scene(src["size"], src["background"]))
         else:  # "person" (alone, on its own background) or "edit" (a full scene)
-            out.append(draw_scene(src["size"], src["background"], scene["person"], src.get("items")))
+            out.append(draw_scene(src["size"], src["background"], scene["person"], src.get("items"), src.get("layout")))
     return out
+
+
+def render_target(scene):
+    return draw_scene(scene["size"], scene["background"], scene["person"], scene["items"], scene.get("layout"))
 
 
 # -----------------------------------------------------------------------------
@@ -240,12 +281,15 @@ class WorldConfig:
     p_edit: float = 0.25  # share of single-image editing samples
     min_inputs: int = 2  # composition: number of source images, the person included
     max_inputs: int = 6
-    p_scene: float = 0.3  # chance that one composition source is a background scene
+    p_scene: float = 0.3  # chance that one composition source (of 3 or more) is a background scene
     src_area: tuple = (48 * 48, 192 * 192)  # each source image's area, uniform; aspect log-uniform in [1/2, 2]
-    p_colour_word: float = 0.5  # chance that an instruction names an item's colour
+    p_colour_word: float = 0.25  # chance that a composition instruction names an item's colour (bench: 0)
+    p_category_word: float = 0.7  # chance that it names the item's category ("the item from Image3" otherwise)
+    p_sun: float = 0.7  # chance of a sun in the target's sky
     shuffle_sources: bool = False  # False: Image1 is the person, a scene comes last
 
 
+BENCH_WORLD = WorldConfig(p_colour_word=0.0, p_category_word=0.4)  # ToyCom-Bench v2: the references are needed
 EDIT_OPS = ["add", "remove", "replace", "recolour", "background"]
 OPENERS = ["Show the person from Image{k}", "Draw the person in Image{k}", "The person from Image{k} is standing",
            "Compose a picture of the person from Image{k}", "Place the figure from Image{k}"]
@@ -257,6 +301,7 @@ USE = {"head": ["wearing the {it} from Image{k}", "with the {it} from Image{k} o
        "both_hands": ["holding the {it} from Image{k} with both hands", "gripping the {it} of Image{k} in both hands"],
        "feet": ["wearing the {it} from Image{k} on their feet", "with the {it} from Image{k} on the feet"],
        "background": ["in the scene from Image{k}", "against the background of Image{k}"]}
+GENERIC = ["item", "object", "thing"]  # "the item from Image3": neither colour nor category
 WHERE = {"head": "on their head", "torso": "on their chest", "right_hand": "in their right hand",
          "left_hand": "in their left hand", "both_hands": "in both hands", "feet": "on their feet"}
 EDITS = {"add": ["Give the person {a} {where}.", "Add {a} {where}.", "In Image1, put {a} {where}."],
@@ -272,6 +317,12 @@ def _a(cat, colour):  # "a red cap", "an orange flag", "a pair of blue boots"
     if CATEGORIES[cat] == "feet":
         return f"a pair of {colour} {cat}"
     return ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {cat}"
+
+
+def scene_key(scene):
+    """What a scene asks for, placement apart: two scenes with equal keys are the same task."""
+    srcs = [(s["kind"], s.get("item"), s.get("background"), s.get("items")) for s in scene["sources"]]
+    return json.dumps([scene["kind"], scene["person"], scene["background"], scene["items"], srcs], sort_keys=True)
 
 
 class ToyWorld:
@@ -292,8 +343,27 @@ class ToyWorld:
         positions = rng.choice([s for s in VALID_SETS if len(s) in sizes])
         return {p: [rng.choice(CATS_AT[p]), rng.choice(list(COLOURS))] for p in positions}
 
-    def _it(self, rng, item):
+    def _it(self, rng, item):  # how a composition instruction refers to an item shown in a reference
+        if rng.random() >= self.cfg.p_category_word:
+            return rng.choice(GENERIC)
         return f"{item[1]} {item[0]}" if rng.random() < self.cfg.p_colour_word else item[0]
+
+    def layout(self, rng, size, items, background):
+        """What the inputs leave free in the target (ToyWorld v2), on an integer grid the judge can search:
+        the person's scale and placement anywhere it fits, each hand's height (one shared height under a
+        two-handed item), the horizon and a sun somewhere in the sky."""
+        W, H = size
+        scale = rng.choice(SCALES)
+        side = math.ceil(scale * min(size))
+        hands = [rng.choice(HAND_YS), rng.choice(HAND_YS)]
+        if "both_hands" in items:
+            hands = [rng.choice(BOTH_HAND_YS)] * 2
+        horizon = round(rng.uniform(*HORIZON) * H)
+        sky = horizon if SCENES[background][1] else H
+        r = math.ceil(SUN_R * min(size))
+        sun = [rng.randint(r, W - r), rng.randint(r, max(r, min(sky, H // 2) - r))] if rng.random() < self.cfg.p_sun else None
+        return dict(x=rng.randint(0, W - side), y=rng.randint(0, H - side), scale=scale, hands=hands,
+                    horizon=horizon, sun=sun)
 
     def scene(self, i, kind=None, n_inputs=None, op=None):
         """The scene index of sample i; kind ("compose" / "edit"), n_inputs and op override the random choice."""
@@ -305,7 +375,7 @@ class ToyWorld:
         scene = dict(kind=kind, size=size, person=person)
         if kind == "compose":
             k = n_inputs or rng.randint(cfg.min_inputs, cfg.max_inputs)
-            has_scene = rng.random() < cfg.p_scene
+            has_scene = k >= 3 and rng.random() < cfg.p_scene  # every composition asks for at least one item
             items = self._items(rng, [k - 1 - has_scene])
             sources = [dict(kind="person", size=self._size(rng), background=bg)]
             order = list(items)
@@ -325,15 +395,15 @@ class ToyWorld:
                 else:
                     uses.append(rng.choice(USE[src["position"]]).format(it=self._it(rng, src["item"]), k=k))
             text = opener + " " + (", ".join(uses[:-1]) + " and " if len(uses) > 1 else "") + uses[-1] + "."
-            checked = sorted(items) + ["background"] * has_scene
-            return dict(scene, op="compose", background=bg, items=items, checked=checked, sources=sources,
-                        instruction=text)
+            return dict(scene, op="compose", background=bg, items=items, checked=sorted(items), sources=sources,
+                        instruction=text, layout=self.layout(rng, size, items, bg))
         op = op or rng.choice(EDIT_OPS)
         # add needs a free position (every valid set of <= 3 extends); remove / replace / recolour need an item
         before = self._items(rng, {"add": [0, 1, 2, 3], "background": [0, 1, 2, 3, 4]}.get(op, [1, 2, 3, 4]))
         items, new_bg, p, template = dict(before), bg, None, rng.choice(EDITS[op])
         if op == "add":
-            p = rng.choice([q for q in POSITIONS if valid(list(before) + [q])])
+            p = rng.choice([q for q in POSITIONS if valid(list(before) + [q]) and
+                            (q != "both_hands" or not set(before) & {"right_hand", "left_hand"})])
             items[p] = [rng.choice(CATS_AT[p]), rng.choice(list(COLOURS))]
             text = template.format(a=_a(*items[p]), where=WHERE[p])
         elif op == "background":
@@ -342,7 +412,7 @@ class ToyWorld:
         else:
             p = rng.choice(sorted(before))
             cat, colour = before[p]
-            ref = f"the {self._it(rng, before[p])}" + (f" {WHERE[p]}" if p.endswith("_hand") else "")
+            ref = f"the {_it_edit(rng, before[p], cfg)}" + (f" {WHERE[p]}" if p.endswith("_hand") else "")
             if op == "remove":
                 del items[p]
                 text = template.format(ref=ref)
@@ -353,16 +423,28 @@ class ToyWorld:
                 items[p] = [cat, rng.choice([c for c in COLOURS if c != colour])]
                 text = template.format(ref=ref, colour=items[p][1])
         text = text[0].upper() + text[1:]
+        # an edit keeps the input's placement, pose and background details; only a new background draws new ones
+        lay = self.layout(rng, size, items | before, new_bg)
+        src_lay = dict(lay)
+        if op == "background":
+            src_lay |= {k: v for k, v in self.layout(rng, size, items | before, bg).items() if k in ("horizon", "sun")}
         scale = rng.uniform(0.75, 1.5)
-        src = dict(kind="edit", size=[round(size[0] * scale), round(size[1] * scale)], background=bg, items=before)
-        checked = sorted(set(items) | ({p} if p else set())) + ["background"] * (op == "background")
-        return dict(scene, op=op, background=new_bg, items=items, checked=checked, sources=[src], instruction=text)
+        src_lay = dict(src_lay, x=src_lay["x"] * scale, y=src_lay["y"] * scale, horizon=src_lay["horizon"] * scale,
+                       sun=[v * scale for v in src_lay["sun"]] if src_lay["sun"] else None)
+        src = dict(kind="edit", size=[round(size[0] * scale), round(size[1] * scale)], background=bg, items=before,
+                   layout=src_lay)
+        changed = [p] if p else ["background"]
+        return dict(scene, op=op, background=new_bg, items=items, checked=changed, sources=[src], instruction=text,
+                    layout=lay)
 
     def sample(self, i, **force):
         scene = self.scene(i, **force)
-        target = draw_scene(scene["size"], scene["background"], scene["person"], scene["items"])
-        return dict(input_images=render_inputs(scene), output_image=target, instruction=scene["instruction"],
-                    scene=scene)
+        return dict(input_images=render_inputs(scene), output_image=render_target(scene),
+                    instruction=scene["instruction"], scene=scene)
+
+
+def _it_edit(rng, item, cfg):  # an edit names the item it changes: its category, maybe its colour
+    return f"{item[1]} {item[0]}" if rng.random() < 0.5 else item[0]
 
 
 def instruction_corpus(n, seed=TRAIN_SEED, cfg=None):

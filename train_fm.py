@@ -89,7 +89,7 @@ class Config:
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 4600
-    eval_cases: int = 16  # ToyCom-Bench cases sampled at each eval (toy data only)
+    eval_cases: int = 16  # ToyCom validation cases sampled at each eval (toy data only; never the bench)
     eval_steps: int = 20
     eval_cfg: float = 2.0  # the toy model's best guidance: the committed teacher scores 0.737 at CFG 2, 0.691 at the official 4
     seed: int = 0
@@ -107,7 +107,7 @@ def build_cache(cfg, rank, world):
     import json
 
     files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder") for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
-    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
+    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, D.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
     root = os.path.join(cfg.cache, hashlib.sha1(key.encode()).hexdigest()[:12])
     parts = [os.path.join(root, f"part{r}of{world}") for r in range(world)]
     if not os.path.exists(os.path.join(parts[rank], "index.json")):
@@ -268,13 +268,13 @@ def export_lora(cfg, dmodel, rank):
 
 @torch.no_grad()
 def evaluate(cfg, model, step, meter):
-    """A few ToyCom-Bench cases with the Euler sampler (eval_steps, eval_cfg): metrics line and a PNG grid."""
+    """A few ToyCom validation cases with the Euler sampler (eval_steps, eval_cfg): metrics line and a PNG grid."""
     import eval as E
     import sample as S
 
     was = model.training
     pipe = S.load_pipeline(cfg.assets, transformer=model.eval())
-    cases = E.toycom_cases(n=cfg.eval_cases, n_edit=0)
+    cases = E.toycom_cases(n=cfg.eval_cases, n_edit=0, split="val")  # the bench is for reported results only
     table = E.evaluate(E.model_generate(pipe, cfg.eval_steps, cfg.eval_cfg, "euler"), cases, os.path.join(cfg.out, f"eval_{step:06d}"))
     meter.log(step=step, eval=table)
     print(f"\nstep {step}:\n{E.format_table(table)}")
