@@ -32,8 +32,9 @@ from pack import image_mask
 def timestep_embedding(t, dim=256, max_period=10000):
     """t [B] σ in [0, 1] → [B, dim] sinusoid of 1000·σ, cos first (official: flip_sin_to_cos, shift 0)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = 1000 * (t.float()[:, None] * freqs[None])  # the official order: (t · f) · 1000, in fp32
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # fp32 at least; fp64 stays (tests)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = 1000 * (t.to(dtype)[:, None] * freqs[None])  # the official order: (t · f) · 1000, in fp32
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -319,7 +320,9 @@ class MMDiT(nn.Module):
         mask = None if bool(keep.all()) else keep[:, None, None, :]
 
         img = self.img_in(x)
-        t = t.to(img.dtype)  # official: σ in the activation dtype before the sinusoid (bf16 quantises it)
+        # the sinusoid of σ always in fp32, even under bf16 autocast: a bf16 σ (spacing ≈ 0.004 near 1) breaks the
+        # consistency trainer's finite difference and has made continuous-time CMs collapse. The official code casts σ
+        # to the activation dtype first; the samplers pass σ already rounded to the latent dtype, as it does.
         vec = self.time_text_embed.timestep_embedder(timestep_embedding(t).to(img.dtype))
         txt = self.txt_in(self.txt_norm(txt))
         img_ang, txt_ang = rope_angles(shapes, N, L, self.cfg.axes_dims_rope, device=x.device)

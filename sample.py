@@ -86,6 +86,13 @@ def fewstep_times(steps, seq_len, sc):
     return shift * s / (1 + (shift - 1) * s)
 
 
+def fewstep_update(x, v, t, t_next, fresh):
+    """One step of the CM/DMD sampler (and of DMD's backward simulation): the clean estimate x0 = x − t·v, then
+    re-noised to t_next with fresh noise: (1 − t_next)·x0 + t_next·fresh. t, t_next broadcast against x."""
+    x0 = x - t * v
+    return (1 - t_next) * x0 + t_next * fresh
+
+
 def cfg_combine(v_c, v_u, scale):
     """True CFG with the per-token norm rescale: comb = v_u + w·(v_c − v_u), then |comb| := |v_c| per token."""
     comb = v_u + scale * (v_c - v_u)
@@ -141,10 +148,8 @@ def denoise(model, refs, target_hw, txt, txt_mask, neg=None, neg_mask=None, *, s
             dt = (times[:, i + 1] - times[:, i]).float()[:, None, None]
             x_new = (x.float() + dt * v.float()).to(v.dtype)
         else:
-            x0 = x - t[:, None, None] * v
-            t_next = times[:, i + 1].to(dtype)[:, None, None]
             fresh = torch.randn(x.shape, generator=generator).to(device, dtype)
-            x_new = (1 - t_next) * x0 + t_next * fresh
+            x_new = fewstep_update(x, v, t[:, None, None], times[:, i + 1].to(dtype)[:, None, None], fresh)
         x = torch.where(tgt, x_new, x)  # references stay clean
     return [x[b, : h * w] for b, (h, w) in enumerate(target_hw)]
 
@@ -171,6 +176,12 @@ def checkpoint_kind(transformer_dir):
     return "fewstep" if any(k in name.lower() for k in ("dmd", "-cm", "_cm", "consistency", "fewstep")) else "euler"
 
 
+def pixel_budget(ckpt):
+    """The joint pixel budget of a pipeline folder: 1024² officially; the toy records its 128² in model_index.json."""
+    index = os.path.join(ckpt, "model_index.json")
+    return json.load(open(index)).get("nanounipic_pixel_budget", 1024 * 1024) if os.path.exists(index) else 1024 * 1024
+
+
 def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
     """ckpt: a pipeline root (transformer/ vae/ text_encoder/ tokenizer/ processor/ scheduler/);
     transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer), or a model.
@@ -191,14 +202,12 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
         if not os.path.isdir(transformer):
             raise ValueError(f"transformer folder {transformer} does not exist")
         net, kind = M.load_mmdit(transformer, dtype=dtype, device=device), checkpoint_kind(transformer)
-    index = os.path.join(ckpt, "model_index.json")
-    budget = json.load(open(index)).get("nanounipic_pixel_budget", 1024 * 1024) if os.path.exists(index) else 1024 * 1024
     return Pipeline(
         transformer=net,
         vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype, device=device),
         text_encoder=TE.load_text_encoder(ckpt, dtype=dtype, device=device),
         sched=SchedulerConfig.from_folder(ckpt),
-        pixel_budget=budget,
+        pixel_budget=pixel_budget(ckpt),
         sampler=kind,
         device=device,
     )
@@ -288,6 +297,29 @@ def builtin_example():
     return case["input_images"], case["instruction"], case["output_image"]
 
 
+def check_args(args):
+    """Everything that can be checked before loading a model: a one-line ValueError naming the problem."""
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of denoising steps, got {args.steps}")
+    if not math.isfinite(args.cfg) or args.cfg < 1:
+        raise ValueError(f"--cfg must be a finite number >= 1 (1 disables guidance), got {args.cfg}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the instruction, e.g. \"The person from Image1 holds the cup from Image2.\"")
+    if args.images is not None and not 1 <= len(args.images) <= args.max_images:
+        raise ValueError(f"{len(args.images)} input images given; 1 to {args.max_images} are supported")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v < 16 or v % 16):
+            raise ValueError(f"--{name} {v} must be a multiple of 16, at least 16")
+    if not os.path.isdir(args.ckpt):
+        raise ValueError(f"checkpoint folder {args.ckpt} does not exist")
+    budget = pixel_budget(args.ckpt)
+    side = int(math.isqrt(budget))
+    h, w = args.height or side, args.width or side
+    if h * w > budget:
+        raise ValueError(f"output {w}x{h} is {h * w} pixels, beyond this pipeline's budget of {budget} ({side}x{side})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=TOY_CKPT, help="pipeline root: transformer/ vae/ text_encoder/ tokenizer/ processor/ (default: the embedded toy model)")
@@ -307,6 +339,10 @@ def main(argv=None):
     p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after encoding")
     p.add_argument("--max-images", type=int, default=6, help="the most input images accepted (the paper's limit is 6)")
     args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
     dtype = dtype or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     try:

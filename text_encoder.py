@@ -564,11 +564,12 @@ class TextEncoder(nn.Module):
         for b, (prompt, imgs) in enumerate(zip(prompts, images)):
             if len(imgs) > max_images:
                 raise ValueError(f"prompt {b} has {len(imgs)} images; at most max_images={max_images} are allowed")
-            for k, im in enumerate(imgs):
-                if min(im.size) < p:
-                    raise ValueError(f"image {k} of prompt {b} is {im.size[0]}x{im.size[1]} px; "
-                                     f"each side needs at least {p} px (one vision patch)")
+            # the official rule resizes all inputs jointly to the budget first; only what it gives must hold a patch
             sized = pack.joint_resize(imgs, pixel_budget) if imgs and pixel_budget else [pack.to_rgb(im) for im in imgs]
+            for k, im in enumerate(sized, 1):
+                if min(im.size) < p:
+                    raise ValueError(f"Image{k} of prompt {b + 1} is {im.size[0]}x{im.size[1]} px after resizing; "
+                                     f"each side needs at least {p} px (one vision patch)")
             vl = [vl_copy(im) for im in sized]
             pixels.append([image_to_pixels(im, self.image_mean, self.image_std, unit) for im in vl])
             counts = [(im.size[0] // unit) * (im.size[1] // unit) for im in vl]

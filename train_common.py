@@ -10,6 +10,8 @@ Checkpoint layout under OUT/:
 A step folder is written completely before `latest` is switched to it (temp file + rename), so a run killed
 mid-write leaves the previous checkpoint loadable.
 """
+import functools
+import hashlib
 import json
 import math
 import os
@@ -23,7 +25,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+import data as D
 import model as M
+from pack import collate, pad_text, unified_sequence
+from sample import SchedulerConfig, calculate_mu, shift_value
 
 # -----------------------------------------------------------------------------
 # config: dataclass defaults, overridden by --field value on the command line
@@ -120,6 +125,19 @@ def full_state_dict(model):
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
+def check_ranks_agree(model, rank):
+    """After training under DDP: every rank must hold the same weights (a checksum per tensor, gathered)."""
+    if not dist.is_initialized() or is_sharded(model):
+        return
+    sums = [p.detach().double().sum().item() for p in unwrap(model).parameters()]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sums)
+    if any(g != gathered[0] for g in gathered):
+        raise SystemExit("error: the processes ended with different weights")
+    if rank == 0:
+        print(f"ranks agree: identical weights on {len(gathered)} processes")
+
+
 def mean_over_ranks(x):
     if dist.is_initialized():
         x = x.detach().clone()
@@ -166,6 +184,98 @@ def ema_update(ema, model, decay):
         v.lerp_(src[k].to(v.device, v.dtype), 1 - decay)
 
 
+# -----------------------------------------------------------------------------
+# timesteps
+
+
+def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
+    """Logit-normal t, then the same dynamic shift as sampling, from each sample's target token count."""
+    u = torch.randn(len(shapes), generator=generator) * std + mean
+    t = torch.sigmoid(u)
+    shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
+    return shift * t / (1 + (shift - 1) * t)
+
+
+# -----------------------------------------------------------------------------
+# data: encode once, then batches of unified sequences (shared by the three trainers: one latent cache)
+
+
+def build_cache(cfg, rank, world):
+    """Each process encodes its share (i ≡ rank mod world) into cache/<fingerprint>/part{rank}; returns the full
+    dataset. The fingerprint covers the data, its size and the encoder files, so a changed VAE is never reused."""
+    files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder") for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
+    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, D.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
+    root = os.path.join(cfg.cache, hashlib.sha1(key.encode()).hexdigest()[:12])
+    parts = [os.path.join(root, f"part{r}of{world}") for r in range(world)]
+    if not os.path.exists(os.path.join(parts[rank], "index.json")):
+        import text_encoder as TE
+        import vae as V
+
+        vae = V.load_vae(os.path.join(cfg.assets, "vae"))
+        te = TE.load_text_encoder(cfg.assets)
+        if cfg.data == "toy":
+            ds = D.ToyDataset(cfg.n_data, seed=D.TRAIN_SEED + cfg.seed, budget=cfg.budget)
+        else:
+            ds = D.JsonlDataset(cfg.data, budget=cfg.budget)
+        shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
+        # references arrive jointly resized already (pixel_budget=None: only the 28/32 copy for the encoder);
+        # the posterior mean is cached (the official trainers draw a VAE sample each time)
+        D.cache_latents(shard, lambda x: vae.normalize(vae.encode(x)), lambda p, ims: te.encode(p, ims, pixel_budget=None),
+                        parts[rank], null_prompt=" ")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return torch.utils.data.ConcatDataset([D.LatentDataset(p) for p in parts])
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batch_indices(step, lengths, global_batch, seed, pool=8):
+    """The global batch of a step. Each epoch is a fresh permutation, so the data position is just the step.
+    Every `pool` consecutive batches are sorted by sequence length and dealt out again in a random order: a
+    micro-batch then holds samples of similar length, which cuts collation padding (toy: 17% → 8% of rows)."""
+    n, first = len(lengths), step // pool * pool
+    idx = [epoch_order(n, seed, k // n)[k % n] for k in range(first * global_batch, (first + pool) * global_batch)]
+    idx.sort(key=lambda i: lengths[i])
+    order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed * 1000 + first)).tolist()
+    j = order[step - first]
+    return idx[j * global_batch : (j + 1) * global_batch]
+
+
+def make_batch(items, cond_drop, generator, device, with_neg=False):
+    """Cached items → x [B, N, C], shapes, txt [B, L, D], txt_mask; the instruction is dropped to " " at cond_drop.
+    with_neg: also the null-prompt condition (" ", same images) as (neg [B, L', D], neg_mask), for guidance."""
+    seqs, shapes, txts = [], [], []
+    drop = torch.rand(len(items), generator=generator) < cond_drop
+    for it, d in zip(items, drop):
+        s, hw = unified_sequence(it["target"], it["refs"])
+        seqs.append(s)
+        shapes.append(hw)
+        txts.append(it["neg"] if d else it["txt"])
+    txt, txt_mask = pad_text(txts)
+    out = (collate(seqs, shapes).to(device), shapes, txt.to(device), txt_mask.to(device))
+    if with_neg:
+        neg, neg_mask = pad_text([it["neg"] for it in items])
+        out += (neg.to(device), neg_mask.to(device))
+    return out
+
+
+@torch.no_grad()
+def evaluate(assets, model, out, step, meter, n_cases, steps, cfg, sampler):
+    """A few ToyCom validation cases (never the bench) with the given sampler, steps and CFG: a metrics line,
+    a table and a PNG grid under OUT/eval_STEP/."""
+    import eval as E
+    import sample as S
+
+    was = model.training
+    pipe = S.load_pipeline(assets, transformer=model.eval())
+    cases = E.toycom_cases(n=n_cases, n_edit=0, split="val")
+    table = E.evaluate(E.model_generate(pipe, steps, cfg, sampler), cases, os.path.join(out, f"eval_{step:06d}"))
+    meter.log(step=step, eval=table)
+    print(f"\nstep {step}:\n{E.format_table(table)}")
+    model.train(was)
 # -----------------------------------------------------------------------------
 # checkpoints
 

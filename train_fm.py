@@ -15,7 +15,6 @@ Data: the toy world (default) or an official jsonl; either is encoded once (VAE 
 embeddings of the instruction and of the null prompt " " with the same images) into a safetensors cache.
 Every flag is a field of Config below.
 """
-import functools
 import math
 import os
 import time
@@ -27,8 +26,8 @@ from tqdm import tqdm
 import data as D
 import model as M
 import train_common as T
-from pack import collate, pad_text, target_rows, unified_sequence
-from sample import TOY_CKPT, SchedulerConfig, calculate_mu, shift_value
+from pack import target_rows
+from sample import TOY_CKPT
 
 # -----------------------------------------------------------------------------
 # the objective
@@ -43,14 +42,6 @@ def fm_loss(model, x, shapes, txt, txt_mask, t, noise):
     v = model(xt, shapes, txt, txt_mask, t)
     err = (v.float() - (noise - x).float()).pow(2) * tgt
     return (err.sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
-
-
-def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
-    """Logit-normal t, then the same dynamic shift as sampling, from each sample's target token count."""
-    u = torch.randn(len(shapes), generator=generator) * std + mean
-    t = torch.sigmoid(u)
-    shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
-    return shift * t / (1 + (shift - 1) * t)
 
 
 # -----------------------------------------------------------------------------
@@ -97,70 +88,6 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# data: encode once, then batches of unified sequences
-
-
-def build_cache(cfg, rank, world):
-    """Each process encodes its share (i ≡ rank mod world) into cache/<fingerprint>/part{rank}; returns the full
-    dataset. The fingerprint covers the data, its size and the encoder files, so a changed VAE is never reused."""
-    import hashlib
-    import json
-
-    files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder") for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
-    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, D.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
-    root = os.path.join(cfg.cache, hashlib.sha1(key.encode()).hexdigest()[:12])
-    parts = [os.path.join(root, f"part{r}of{world}") for r in range(world)]
-    if not os.path.exists(os.path.join(parts[rank], "index.json")):
-        import text_encoder as TE
-        import vae as V
-
-        vae = V.load_vae(os.path.join(cfg.assets, "vae"))
-        te = TE.load_text_encoder(cfg.assets)
-        if cfg.data == "toy":
-            ds = D.ToyDataset(cfg.n_data, seed=D.TRAIN_SEED + cfg.seed, budget=cfg.budget)
-        else:
-            ds = D.JsonlDataset(cfg.data, budget=cfg.budget)
-        shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
-        # references arrive jointly resized already (pixel_budget=None: only the 28/32 copy for the encoder);
-        # the posterior mean is cached (the official trainers draw a VAE sample each time)
-        D.cache_latents(shard, lambda x: vae.normalize(vae.encode(x)), lambda p, ims: te.encode(p, ims, pixel_budget=None),
-                        parts[rank], null_prompt=" ")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return torch.utils.data.ConcatDataset([D.LatentDataset(p) for p in parts])
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-def batch_indices(step, lengths, global_batch, seed, pool=8):
-    """The global batch of a step. Each epoch is a fresh permutation, so the data position is just the step.
-    Every `pool` consecutive batches are sorted by sequence length and dealt out again in a random order: a
-    micro-batch then holds samples of similar length, which cuts collation padding (toy: 17% → 8% of rows)."""
-    n, first = len(lengths), step // pool * pool
-    idx = [epoch_order(n, seed, k // n)[k % n] for k in range(first * global_batch, (first + pool) * global_batch)]
-    idx.sort(key=lambda i: lengths[i])
-    order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed * 1000 + first)).tolist()
-    j = order[step - first]
-    return idx[j * global_batch : (j + 1) * global_batch]
-
-
-def make_batch(items, cond_drop, generator, device):
-    """Cached items → x [B, N, C], shapes, txt [B, L, D], txt_mask; the instruction is dropped to " " at cond_drop."""
-    seqs, shapes, txts = [], [], []
-    drop = torch.rand(len(items), generator=generator) < cond_drop
-    for it, d in zip(items, drop):
-        s, hw = unified_sequence(it["target"], it["refs"])
-        seqs.append(s)
-        shapes.append(hw)
-        txts.append(it["neg"] if d else it["txt"])
-    txt, txt_mask = pad_text(txts)
-    return collate(seqs, shapes).to(device), shapes, txt.to(device), txt_mask.to(device)
-
-
-# -----------------------------------------------------------------------------
 # training
 
 
@@ -172,7 +99,7 @@ def main(cfg):
     if cfg.batch % world or per_rank % cfg.micro_batch:
         raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
     accum = per_rank // cfg.micro_batch
-    dataset = build_cache(cfg, rank, world)
+    dataset = T.build_cache(cfg, rank, world)
     lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]  # rows per sample, for batch_indices
 
     if cfg.init:
@@ -209,12 +136,12 @@ def main(cfg):
         lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+        idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
         loss_sum = 0.0
         for m in range(accum):
             items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
-            x, shapes, txt, txt_mask = make_batch(items, cfg.cond_drop, g, device)
-            t = sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
+            x, shapes, txt, txt_mask = T.make_batch(items, cfg.cond_drop, g, device)
+            t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
             noise = torch.randn(x.shape, generator=g).to(device)
             with T.no_sync(dmodel, last=m == accum - 1), torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
                 loss = fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
@@ -248,8 +175,10 @@ def main(cfg):
             else:
                 T.export(cfg.out, dmodel, ema, "teacher", rank)
         if rank == 0 and cfg.data == "toy" and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-            evaluate(cfg, ema if ema is not None else T.unwrap(dmodel), step, meter)
+            T.evaluate(cfg.assets, ema if ema is not None else T.unwrap(dmodel), cfg.out, step, meter, cfg.eval_cases,
+                       cfg.eval_steps, cfg.eval_cfg, "euler")
     pbar.close()
+    T.check_ranks_agree(dmodel, rank)
     T.cleanup_dist()
 
 
@@ -264,21 +193,6 @@ def export_lora(cfg, dmodel, rank):
     M.add_lora(m, cfg.lora_rank, cfg.lora_alpha)
     m.load_state_dict(sd, strict=True, assign=True)
     M.save_mmdit(M.merge_lora(m), os.path.join(cfg.out, "transformer"), name_or_path="nanounipic-teacher-lora")
-
-
-@torch.no_grad()
-def evaluate(cfg, model, step, meter):
-    """A few ToyCom validation cases with the Euler sampler (eval_steps, eval_cfg): metrics line and a PNG grid."""
-    import eval as E
-    import sample as S
-
-    was = model.training
-    pipe = S.load_pipeline(cfg.assets, transformer=model.eval())
-    cases = E.toycom_cases(n=cfg.eval_cases, n_edit=0, split="val")  # the bench is for reported results only
-    table = E.evaluate(E.model_generate(pipe, cfg.eval_steps, cfg.eval_cfg, "euler"), cases, os.path.join(cfg.out, f"eval_{step:06d}"))
-    meter.log(step=step, eval=table)
-    print(f"\nstep {step}:\n{E.format_table(table)}")
-    model.train(was)
 
 
 if __name__ == "__main__":

@@ -173,9 +173,17 @@ def test_cli_writes_png_and_grid(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--images"] + ["{a}"] * 7, "7 input images; 1 to 6"),
+    (["--images"] + ["{a}"] * 7, "7 input images given; 1 to 6"),
     (["--images", "{bad}"], "cannot read image"),
-    (["--images", "{a}", "--height", "8"], "too small"),
+    (["--images", "{a}", "--height", "8"], "--height 8 must be a multiple of 16"),
+    (["--images", "{a}", "--steps", "0"], "--steps must be a positive"),
+    (["--images", "{a}", "--steps", "-3"], "--steps must be a positive"),
+    (["--images", "{a}", "--cfg", "nan"], "--cfg must be a finite number"),
+    (["--images", "{a}", "--cfg", "inf"], "--cfg must be a finite number"),
+    (["--images", "{a}", "--cfg", "-2"], "--cfg must be a finite number"),
+    (["--images", "{a}", "--prompt", ""], "--prompt is empty"),
+    (["--images", "{a}", "--height", "100000"], "beyond this pipeline's budget"),
+    (["--images", "{a}", "--width", "17"], "--width 17 must be a multiple of 16"),
     (["--images", "{a}", "--ckpt", "{nope}"], "does not exist"),
     (["--images", "{a}", "--ckpt", "{novae}"], "missing its vae/ folder"),
 ])
@@ -192,12 +200,24 @@ def test_cli_bad_inputs_one_line_and_no_output(tiny_pipeline, tmp_path, argv, wo
     argv = [s.format(**subst) for s in argv]
     if "--ckpt" not in argv:
         argv += ["--ckpt", tiny_pipeline]
+    if "--steps" not in argv:
+        argv += ["--steps", "1"]
     out = tmp_path / "out.png"
     with pytest.raises(SystemExit) as e:
-        S.main(argv + ["--steps", "1", "--out", str(out)])
+        S.main(argv + ["--out", str(out)])
     msg = str(e.value)
     assert words in msg and "\n" not in msg
     assert not out.exists() and not (tmp_path / "out.png.tmp").exists()
+
+
+def test_too_many_images_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
+    """Validation comes first: 7 images never reach load_pipeline (which takes seconds at real size)."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    monkeypatch.setattr(S, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before validating"))
+    with pytest.raises(SystemExit, match="7 input images given"):
+        S.main(["--images"] + [str(tmp_path / "a.png")] * 7 + ["--out", str(tmp_path / "o.png")])
 
 
 def test_default_command_uses_the_embedded_toy_model(tmp_path):

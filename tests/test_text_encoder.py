@@ -299,8 +299,10 @@ def test_bad_inputs_are_one_line_errors(root):
     assert "\n" not in str(e.value)
     emb, mask = enc.encode("x", [[img] * 7], pixel_budget=64 * 64, max_images=7)  # the limit is configurable
     assert mask.shape[0] == 1
-    with pytest.raises(ValueError, match="at least 14 px"):
-        enc.encode("x", [[rand_image(10, 300, 1)]], pixel_budget=64 * 64)
+    with pytest.raises(ValueError, match="Image1 of prompt 1 is 10x300 px after resizing; each side needs at least 14"):
+        enc.encode("x", [[rand_image(10, 300, 1)]], pixel_budget=None)  # already "resized" (training caches)
+    emb, mask = enc.encode("x", [[rand_image(3, 3, 1), img]], pixel_budget=64 * 64)  # the joint resize comes first
+    assert mask.shape[0] == 1
     with pytest.raises(ValueError, match="multiple of 28"):
         te.image_to_pixels(rand_image(20, 20, 2))
     with pytest.raises(ValueError, match="one list of PIL images per prompt"):

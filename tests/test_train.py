@@ -56,12 +56,12 @@ def test_fm_loss_ignores_references_and_padding():
 
 def test_timesteps_logit_normal_and_shifted():
     shapes = [[(32, 32)]] * 4000  # 1024 target tokens: shift = exp(μ(1024)) > 1 pushes t up
-    t = F.sample_t(shapes, torch.Generator().manual_seed(0))
+    t = T.sample_t(shapes, torch.Generator().manual_seed(0))
     assert 0 < t.min() and t.max() < 1
     assert 0.5 < t.median() < 0.65  # the median of sigmoid(N(0,1)) is 0.5; the shift moves it to shift/(1+shift)
     # the toy recipe's logit mean 1 moves the median to the shifted sigmoid(1) and puts ~10x more mass near t = 1
-    t1 = F.sample_t([[(8, 8)]] * 4000, torch.Generator().manual_seed(0), mean=1.0)
-    t0 = F.sample_t([[(8, 8)]] * 4000, torch.Generator().manual_seed(0), mean=0.0)
+    t1 = T.sample_t([[(8, 8)]] * 4000, torch.Generator().manual_seed(0), mean=1.0)
+    t0 = T.sample_t([[(8, 8)]] * 4000, torch.Generator().manual_seed(0), mean=0.0)
     assert 0.78 < t1.median() < 0.86 and (t1 > 0.95).float().mean() > 5 * (t0 > 0.95).float().mean()
 
 
@@ -70,10 +70,10 @@ def test_batches_cover_the_data_and_group_similar_lengths():
     (pools that do not straddle an epoch), and a batch spans far less of the length range than a random one."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(50, 250, (1024,), generator=g).tolist()
-    steps = [F.batch_indices(s, lengths, 16, seed=3) for s in range(64)]  # 64 steps × 16 = one epoch, 8 pools
-    assert steps == [F.batch_indices(s, lengths, 16, seed=3) for s in range(64)]
+    steps = [T.batch_indices(s, lengths, 16, seed=3) for s in range(64)]  # 64 steps × 16 = one epoch, 8 pools
+    assert steps == [T.batch_indices(s, lengths, 16, seed=3) for s in range(64)]
     assert sorted(i for b in steps for i in b) == list(range(1024))
-    assert steps != [F.batch_indices(s, lengths, 16, seed=4) for s in range(64)]
+    assert steps != [T.batch_indices(s, lengths, 16, seed=4) for s in range(64)]
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in steps]
     assert sum(spread) / len(spread) < 0.2 * 200  # random batches of 16 span ~175 of the 200
 

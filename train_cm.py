@@ -1,0 +1,253 @@
+"""
+Consistency tuning (paper §4.3, Eq. 9–11): the flow-matching teacher becomes a few-step generator.
+
+The consistency function of the flow is f_θ(x_t, t) = x_t − t·F_θ(x_t, t): the clean image predicted from any
+point of the straight path x_t = (1 − t)·x + t·ε. A consistency model keeps f constant along the path, i.e. its
+tangent df/dt = 0. Writing the tangent out (Eq. 9), with dx_t/dt = ε − x,
+    df_θ⁻/dt = (ε − x) − F_θ⁻(x_t, t) − t·dF_θ⁻(x_t, t)/dt,
+and following it with the weight w(t) = 1/t through the identity ∇E[F_θᵀy] = ½∇E‖F_θ − F_θ⁻ + y‖² (Eq. 10)
+gives a regression of F_θ onto a stop-gradient target (Eq. 11):
+    L_CM = ‖F_θ(x_t, t) − (ε − x − t·dF_θ⁻(x_t, t)/dt)‖²,
+i.e. flow matching minus a correction t·T that bends the velocity so the predicted x0 stops moving along t.
+
+The tangent T = dF_θ⁻/dt along the path is a *central finite difference* of two forward passes,
+    T ≈ (F_θ⁻(x_{t+h}, t + h) − F_θ⁻(x_{t−h}, t − h)) / 2h,   both points on the same line (same x, ε),
+instead of a Jacobian-vector product: it needs only plain forwards, so it runs with flash / memory-efficient
+attention kernels and FSDP2-sharded parameters, neither of which torch.func.jvp supports. θ⁻ is the current
+student under no_grad (a stop-gradient copy), not the EMA. The difference itself runs in fp64 and t stays fp32
+(the official code rounds t to bf16, spacing ≈ 0.004 near 1, and still divides by 2h = 0.01). The paper's
+h = 5·10⁻³ is too coarse to be a derivative here: the time embedding is a sinusoid of 1000·t whose fastest
+periods are ≈ 0.006 in t, and on the toy teacher the h = 5·10⁻³ quotient is 26–97% off torch.func.jvp (h = 10⁻⁴:
+0.1–0.5%, fp32; tests/test_cm.py checks the convergence), so the toy default is h = 10⁻⁴.
+
+Official variants (public UniPic-3 trainer), each behind a flag:
+  --tangent_norm  T / (‖T‖₂ + 0.1) per sample, fp64 (official). ‖T‖ ≫ 0.1, so only T's direction survives:
+                  ≈ 1/√N per element, the objective becomes flow matching plus a small consistency nudge.
+  --guidance g    the target gains g·(F_G(x_t, c) − F_G(x_t, " " + same images)): CFG baked into the student
+                  (official g = 1.75, effective CFG 2.75, no norm rescale); --guidance_from "ema" (official: the
+                  EMA of the model being trained) or "teacher" (the frozen teacher: no feedback loop).
+  --cos_loss      + mean(1 − cos) over latent channels (official).
+  --ema 0.95      per update (official); the EMA is exported and evaluated.
+Why Eq. 11 as written diverges on the toy (measured, README): see `tangent` below.
+
+    python train_cm.py                                                     # toy, one process
+    torchrun --standalone --nproc_per_node=2 train_cm.py                   # toy, 2 processes (gloo)
+    torchrun --nproc_per_node=8 train_cm.py --assets Qwen-Image-Edit --data train.jsonl --init Unipic3/transformer \
+        --fsdp true --bf16 true --grad_ckpt true --lr 1e-6 --lr_min 1e-7 --tangent_norm true --guidance 1.75 \
+        --guidance_from ema --cos_loss true --logit_mean 0 --batch 256 --micro_batch 1 --budget 1048576
+"""
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data as D
+import model as M
+import train_common as T
+from pack import target_rows
+from sample import TOY_CKPT
+
+# -----------------------------------------------------------------------------
+# the objective
+
+
+def on_path(x, noise, tgt, t):
+    """The straight path at time t [B]: x_t = (1 − t)·x + t·ε on the target rows, references left clean."""
+    tt = t[:, None, None]
+    return torch.where(tgt, (1 - tt) * x + tt * noise, x)
+
+
+@torch.no_grad()
+def tangent(model, x, noise, tgt, shapes, txt, txt_mask, t, h=5e-3):
+    """dF(x_t, t)/dt along the path, by a central finite difference of two forwards (one batched call).
+    Near the ends t ± h is clamped to [0, 1] and the difference divided by the actual Δt.
+
+    Why the paper form diverges without normalisation: the difference quotient divides the model's own
+    roughness by 2h = 0.01, so T carries the student's high-frequency error amplified 100×; the target then
+    contains t·T, which the student (θ⁻ = itself) fits, making its next tangent rougher still — a feedback loop
+    (README: ‖t·T‖ against ‖ε − x‖, and the loss curve)."""
+    hi, lo = (t + h).clamp(max=1.0), (t - h).clamp(min=0.0)
+    both = model(torch.cat([on_path(x, noise, tgt, hi), on_path(x, noise, tgt, lo)]), shapes + shapes,
+                 torch.cat([txt, txt]), torch.cat([txt_mask, txt_mask]), torch.cat([hi, lo]))
+    f_hi, f_lo = both.double().chunk(2)
+    return (f_hi - f_lo) / (hi - lo).double()[:, None, None] * tgt
+
+
+def cm_target(model, x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide=None, neg=None, neg_mask=None):
+    """The stop-gradient regression target of Eq. 11, ε − x − t·T, with the official variants of cfg.
+    Returns (target fp32, the mean per-sample ‖T‖ before normalisation)."""
+    T_ = tangent(model, x, noise, tgt, shapes, txt, txt_mask, t, cfg.fd_eps)  # fp64
+    norm = T_.flatten(1).norm(dim=1)  # one norm per sample over all its target latents
+    if cfg.tangent_norm:
+        T_ = T_ / (norm + cfg.tangent_c)[:, None, None]
+    target = (noise - x).double() - t.double()[:, None, None] * T_
+    if cfg.guidance:
+        with torch.no_grad():
+            xt = on_path(x, noise, tgt, t)
+            v = guide(torch.cat([xt, xt]), shapes + shapes, *pad_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
+            v_c, v_u = v.double().chunk(2)
+        target = target + cfg.guidance * (v_c - v_u)
+    return (target * tgt).float(), norm.mean().item()
+
+
+def pad_pair(txt, txt_mask, neg, neg_mask):
+    """[cond; uncond] text in one batch, padded to the longer of the two."""
+    L = max(txt.shape[1], neg.shape[1])
+    pad = lambda e, m: (torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1])), torch.nn.functional.pad(m, (0, L - m.shape[1])))
+    (a, am), (b, bm) = pad(txt, txt_mask), pad(neg, neg_mask)
+    return torch.cat([a, b]), torch.cat([am, bm])
+
+
+def regression_loss(v, target, tgt, cos_loss=False):
+    """Per-sample mean squared error over the target rows, then the batch mean; + mean(1 − cos) over channels."""
+    v = v.float()
+    err = (v - target).pow(2) * tgt
+    loss = (err.sum((1, 2)) / (tgt.sum((1, 2)) * v.shape[2])).mean()
+    if cos_loss:
+        cos = torch.nn.functional.cosine_similarity(v, target, dim=-1, eps=1e-8)[..., None]  # [B, N, 1]
+        loss = loss + ((1 - cos) * tgt).sum((1, 2)).div(tgt.sum((1, 2))).mean()
+    return torch.nan_to_num(loss)
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/ (frozen encoders)
+    data: str = "toy"  # "toy" or an official jsonl; with the teacher's settings its latent cache is reused
+    n_data: int = 8000  # toy samples (the teacher's cache)
+    budget: int = D.TOY_BUDGET
+    cache: str = "data_cache/toy_fm"
+    out: str = "runs/cm"
+    init: str = os.path.join(TOY_CKPT, "transformer")  # the teacher (student init, and the frozen guidance source)
+    steps: int = 1500  # toy: ~15 minutes on 2 CPU processes
+    batch: int = 16
+    micro_batch: int = 8
+    lr: float = 1e-4  # official 1e-6 at 20B
+    lr_min: float = 1e-5
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    ema: float = 0.95  # official, per update
+    fd_eps: float = 1e-4  # h of the central difference. Paper / official 5e-3, but the toy teacher's dF/dt has
+    #   sinusoid periods near 0.006 in t: at 5e-3 the quotient is 26-97% off the JVP, at 1e-4 0.1-0.5% (fp32)
+    tangent_norm: bool = True  # official T / (‖T‖ + tangent_c); false = Eq. 11 exactly as the paper writes it
+    tangent_c: float = 0.1
+    guidance: float = 0.0  # g: + g·(F(c) − F(" ")) in the target (official 1.75)
+    guidance_from: str = "teacher"  # "teacher" (frozen) or "ema" (official: the EMA of the student)
+    cos_loss: bool = False  # + mean(1 − cos) over channels (official)
+    logit_mean: float = 1.0  # as the toy teacher (official 0)
+    logit_std: float = 1.0
+    fsdp: bool = False
+    bf16: bool = False
+    grad_ckpt: bool = False
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 1500
+    eval_cases: int = 16  # ToyCom validation cases at each eval (toy data only)
+    eval_steps: int = 4
+    eval_cfg: float = 1.0
+    seed: int = 0
+    resume: bool = False
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(cfg):
+    if cfg.guidance_from not in ("teacher", "ema"):
+        raise SystemExit(f"error: --guidance_from must be teacher or ema, not {cfg.guidance_from!r}")
+    if not os.path.isfile(os.path.join(cfg.init, "config.json")):
+        raise SystemExit(f"error: --init {cfg.init} is not a transformer folder (no config.json)")
+    rank, world, device = T.setup_dist()
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.out, exist_ok=True)
+    per_rank = cfg.batch // world
+    if cfg.batch % world or per_rank % cfg.micro_batch:
+        raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
+    accum = per_rank // cfg.micro_batch
+    dataset = T.build_cache(cfg, rank, world)
+    lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]
+
+    model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
+    model.gradient_checkpointing = cfg.grad_ckpt
+    T.freeze_unused(model)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    teacher = None
+    if cfg.guidance and cfg.guidance_from == "teacher":
+        teacher = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    if cfg.guidance and cfg.guidance_from == "ema":
+        ema.to(device)
+    model.to(device)
+    dmodel = T.wrap(model, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
+    opt = T.make_optimizer(dmodel, cfg.lr, cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+
+    step = 0
+    if cfg.resume and T.latest_checkpoint(cfg.out):
+        step, _ = T.load_checkpoint(T.latest_checkpoint(cfg.out), dmodel, ema, opt, g)
+        if rank == 0:
+            print(f"resumed from step {step}")
+    meter = T.Meter(cfg.out, rank)
+    if rank == 0:
+        print(f"consistency tuning of {cfg.init}: {len(dataset)} cached samples, {world} process(es), batch "
+              f"{cfg.batch}, tangent_norm={cfg.tangent_norm}, guidance={cfg.guidance} from {cfg.guidance_from}")
+    pbar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="cm")
+    t_last, logged = time.time(), step
+    while step < cfg.steps:
+        lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+        loss_sum = tnorm_sum = 0.0
+        for m in range(accum):
+            items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+            x, shapes, txt, txt_mask, neg, neg_mask = T.make_batch(items, 0.0, g, device, with_neg=True)
+            t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
+            noise = torch.randn(x.shape, generator=g).to(device)
+            tgt = target_rows(shapes, x.shape[1], device)[..., None]
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                guide = teacher if cfg.guidance_from == "teacher" else ema
+                target, tnorm = cm_target(T.unwrap(dmodel), x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide,
+                                          neg, neg_mask)
+                with T.no_sync(dmodel, last=m == accum - 1):
+                    v = dmodel(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t)
+                    loss = regression_loss(v, target, tgt, cfg.cos_loss)
+                    (loss / accum).backward()
+            loss_sum += loss.item() / accum
+            tnorm_sum += tnorm / accum
+        loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
+        if not math.isfinite(loss_avg):
+            raise SystemExit(f"error: loss is {loss_avg} at step {step}; stopped. Last good checkpoint: "
+                             f"{T.latest_checkpoint(cfg.out)}")
+        gnorm = torch.nn.utils.clip_grad_norm_(dmodel.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        T.ema_update(ema, dmodel, cfg.ema)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.time() - t_last
+            meter.log(step=step, loss=loss_avg, lr=lr, grad_norm=round(gnorm, 4), tangent_norm=round(tnorm_sum, 4),
+                      samples_per_s=round((step - logged) * cfg.batch / dt, 2))
+            pbar.set_postfix(loss=f"{loss_avg:.4f}", T=f"{tnorm_sum:.2f}", gn=f"{gnorm:.2f}")
+            t_last, logged = time.time(), step
+        pbar.update(1)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank)
+            T.export(cfg.out, dmodel, ema, "cm", rank)
+        if rank == 0 and cfg.data == "toy" and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+            T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "fewstep")
+    pbar.close()
+    T.check_ranks_agree(dmodel, rank)
+    T.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main(T.parse_config(Config, doc=__doc__))
