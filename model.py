@@ -13,6 +13,7 @@ are masked out of attention, so they change no real row.
 Parameter names are the official ones (`transformer/config.json` + `diffusion_pytorch_model*.safetensors`),
 so `load_mmdit` is a strict `load_state_dict` with no renaming.
 """
+import contextlib
 import json
 import math
 import os
@@ -97,13 +98,14 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
-        self.scale = alpha / rank
+        self.scale, self.enabled = alpha / rank, True  # enabled=False: the base Linear alone (lora_off)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        y = F.linear(x, self.weight, self.bias)
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale if self.enabled else y
 
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # the official LoRA experiments' set
@@ -120,6 +122,20 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS):
         parent, leaf = model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
         parent._modules[leaf] = LoRALinear(parent._modules[leaf], rank, alpha)
     return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+@contextlib.contextmanager
+def lora_off(model):
+    """Run `model` as its base: every LoRALinear skips its adapter inside the block. DMD's LoRA fake score and the
+    frozen teacher are then one module sharing the base tensors (no second copy of the 20B weights)."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
 
 
 @torch.no_grad()

@@ -317,9 +317,20 @@ def rng_state(generator=None):
     return state
 
 
-def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=1):
-    """Everything needed to resume exactly; `info` is a json-able dict (data position, config, …)."""
+def trainable_state(model):
+    """The weights an optimiser changes (all of a full model; only the adapters of a LoRA model whose base is shared
+    with a frozen teacher): what a checkpoint must hold to resume it."""
+    full = full_state_dict(model)
+    train = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    return {k: v for k, v in full.items() if k in train} if train != set(full) else full
+
+
+def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=1, extra=None):
+    """Everything needed to resume exactly; `info` is a json-able dict (data position, config, …).
+    extra: {name: (model, optimizer)} for further trained networks (DMD's fake score), saved in the same step
+    folder as NAME.safetensors and NAME_optim.safetensors, so the switch of `latest` covers them all at once."""
     msd, osd = full_state_dict(model), _optimizer_state(model, opt)  # collective under FSDP2: all ranks call
+    extra_sd = {n: (trainable_state(m), _optimizer_state(m, o)) for n, (m, o) in (extra or {}).items()}
     if rank != 0:
         return
     root = os.path.join(out, "ckpt")
@@ -330,6 +341,11 @@ def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, ke
     save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"))
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+    extra_meta = {}
+    for n, (sd, esd) in extra_sd.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{n}.safetensors"))
+        etensors, extra_meta[n] = _flatten_optimizer(esd)
+        save_file(etensors, os.path.join(tmp, f"{n}_optim.safetensors"))
     otensors, ometa = _flatten_optimizer(osd)
     rng = rng_state(generator)
     for k in ("torch", "generator"):
@@ -337,7 +353,7 @@ def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, ke
             otensors[f"rng.{k}"] = rng.pop(k)
     save_file(otensors, os.path.join(tmp, "optim.safetensors"))
     np_state = rng["numpy"]
-    state = {"step": step, "info": info, "optimizer": ometa,
+    state = {"step": step, "info": info, "optimizer": ometa, "extra": extra_meta,
              "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "rng_python": _jsonable(rng["python"])}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
@@ -362,8 +378,9 @@ def latest_checkpoint(out):
     return os.path.join(out, "ckpt", open(path).read().strip())
 
 
-def load_checkpoint(folder, model, ema, opt, generator=None):
-    """Restore model, EMA, optimiser and RNG states in place; returns (step, info)."""
+def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
+    """Restore model, EMA, optimiser, the `extra` {name: (model, optimizer)} and RNG states in place; returns
+    (step, info)."""
     if not os.path.exists(os.path.join(folder, "state.json")):
         raise ValueError(f"{folder} is not a complete checkpoint (no state.json)")
     state = json.load(open(os.path.join(folder, "state.json")))
@@ -382,6 +399,14 @@ def load_checkpoint(folder, model, ema, opt, generator=None):
         opt.load_state_dict(osd)
     if ema is not None:
         ema.load_state_dict(load_file(os.path.join(folder, "ema.safetensors")), strict=True)
+    for n, (m, o) in (extra or {}).items():
+        sd = load_file(os.path.join(folder, f"{n}.safetensors"))
+        missing = set(trainable_state(m)) - set(sd)
+        if missing or n not in state.get("extra", {}):
+            raise ValueError(f"{folder}: checkpoint of {n} is incomplete ({len(missing)} tensors missing)")
+        unwrap(m).load_state_dict(sd, strict=False)
+        o.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, f"{n}_optim.safetensors")),
+                                               state["extra"][n]))
     torch.set_rng_state(otensors["rng.torch"])
     if generator is not None and "rng.generator" in otensors:
         generator.set_state(otensors["rng.generator"])

@@ -1,0 +1,302 @@
+"""
+Distribution matching distillation (paper §4.3, Eq. 12–14): the few-step student's samples are pushed towards
+the CFG teacher's distribution.
+
+DMD minimises the reverse KL(p_θ ‖ p_teacher) between the student's output distribution and the teacher's. Its
+gradient with respect to the student is an expectation over the student's own samples x = G_θ(ε), re-noised to
+x_t = (1 − t)·x + t·ε̂ (Eq. 12):
+    ∇_θ KL = E[ −w(t)·(∇log p_teacher(x_t) − ∇log p_θ(x_t)) · ∂G_θ/∂θ ].
+Both scores come from velocity networks through ∇log p(x_t) = −(x_t + (1 − t)·F(x_t, t)) / t: the teacher's (with
+CFG) and a *fake score* F_φ trained by flow matching on the student's samples, which tracks p_θ (the student's
+own score is intractable). The x_t terms cancel in the difference, leaving (Eq. 13)
+    g = (1 − t)/t · (F_teacher^CFG(x_t, t) − F_φ(x_t, t)),
+and the student follows it through a stop-gradient regression whose gradient on G_θ is exactly g (Eq. 14):
+    L_DMD = ½‖G_θ − sg(G_θ − g)‖².
+Reverse KL is mode-seeking: the student may drop modes (placements) but not blur them, which is what removes the
+few-step blur the consistency model leaves.
+
+Each student update (official ratio): `fake_updates` flow-matching updates of F_φ on fresh student samples, then one
+student update. The generator is sampled by *backward simulation* (DMD2 §4.5): n = 1…4 steps cycling on the
+few-step grid, the first n − 1 under no_grad with the few-step update of the sampler (sample.fewstep_update) and
+fresh noise, the gradient through the last step only — the student is trained at the inputs it meets at inference.
+
+Official variants (public UniPic-3 trainer), each behind a flag:
+  --weighting official  g = (v_T − v_φ) / mean|x0 − ε̂ + v_T| per sample, fp64, floor 1e-5 (DMD's normaliser
+                        1/mean|x0 − x̂0_teacher| in velocity form); "paper" = (1 − t)/t.
+  --fake_lora_rank 0    the fake score is a full copy of the teacher (official code); r > 0: the paper's LoRA on
+                        the teacher, sharing its base tensors (teacher calls run with the adapters off).
+  --teacher_cfg 6       true CFG of the teacher (paper); --cfg_rescale false as the official trainer (the sampler's
+                        per-token norm rescale is on at inference).
+  --fake_cos_loss       + mean(1 − cos) in the fake score's loss (official); --renoise_clamp: t in [0.02, 0.98].
+  --init2 PATH          start from the 50/50 average of --init and PATH (the released DMD averaged CM checkpoints).
+
+    python train_dmd.py                                                    # toy, one process
+    torchrun --standalone --nproc_per_node=2 train_dmd.py                  # toy, 2 processes (gloo)
+"""
+import contextlib
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data as D
+import model as M
+import train_common as T
+from pack import target_rows
+from sample import TOY_CKPT, SchedulerConfig, cfg_combine, fewstep_times, fewstep_update
+from train_cm import on_path, pad_pair, regression_loss
+
+# -----------------------------------------------------------------------------
+# the objective
+
+
+def dmd_grad(v_teacher, v_fake, t, x0, noise, weighting="official", floor=1e-5):
+    """Eq. 13: the per-element gradient g on the student's sample x0 [B, N, C] (rows outside the target are the
+    caller's to mask). v_teacher, v_fake: velocities at x_t; t [B]; noise: the re-noising ε̂."""
+    diff = (v_teacher.double() - v_fake.double())
+    if weighting == "paper":
+        tt = t.double()[:, None, None]
+        return ((1 - tt) / tt * diff).float()
+    # official: divide by the mean |x0 − ε̂ + v_T| of each sample, in fp64, with a floor
+    norm = (x0.double() - noise.double() + v_teacher.double()).abs().flatten(1).mean(1).clamp(min=floor)
+    return (diff / norm[:, None, None]).float()
+
+
+def dmd_loss(x0, g, tgt):
+    """Eq. 14: ½‖x0 − sg(x0 − g)‖² over the target rows, per-sample mean then batch mean: autograd gives
+    ∂L/∂x0 = g / (elements · batch) — the direction g exactly."""
+    err = (x0 - (x0 - g).detach()).pow(2) * tgt
+    return 0.5 * (err.sum((1, 2)) / (tgt.sum((1, 2)) * x0.shape[2])).mean()
+
+
+def backward_simulate(student, noise, x, tgt, shapes, txt, txt_mask, n, sched, generator, grad=True):
+    """A student sample with n few-step updates from pure noise on the target rows (references clean): the
+    first n − 1 under no_grad with fresh noise, the last one with the gradient (if grad). Returns x0 [B, N, C]."""
+    times = torch.stack([fewstep_times(n, hw[0][0] * hw[0][1], sched) for hw in shapes]).float()  # [B, n+1]
+    xt = torch.where(tgt, noise, x)
+    for i in range(n):
+        t = times[:, i].to(x.device)
+        last = i == n - 1
+        with torch.set_grad_enabled(grad and last):
+            v = student(xt, shapes, txt, txt_mask, t)
+            if last:
+                return torch.where(tgt, xt - t[:, None, None] * v, x)
+        fresh = torch.randn(x.shape, generator=generator).to(x.device)
+        with torch.no_grad():
+            xt = torch.where(tgt, fewstep_update(xt, v, t[:, None, None], times[:, i + 1].to(x.device)[:, None, None],
+                                                 fresh), x)
+
+
+def teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t, scale, rescale):
+    """F_teacher^CFG: cond and uncond (" " with the same images) in one forward."""
+    v = teacher(torch.cat([xt, xt]), shapes + shapes, *pad_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
+    v_c, v_u = v.chunk(2)
+    return cfg_combine(v_c, v_u, scale) if rescale else v_u + scale * (v_c - v_u)
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/ (frozen encoders)
+    data: str = "toy"
+    n_data: int = 8000  # the teacher's latent cache is reused
+    budget: int = D.TOY_BUDGET
+    cache: str = "data_cache/toy_fm"
+    out: str = "runs/dmd"
+    teacher: str = os.path.join(TOY_CKPT, "transformer")  # frozen; also the fake score's init
+    init: str = os.path.join(TOY_CKPT, "transformer_cm")  # the student's init: the consistency model
+    init2: str = ""  # if set: the student starts from the 50/50 average of init and init2
+    steps: int = 200  # student updates
+    batch: int = 8
+    micro_batch: int = 8
+    lr: float = 2e-5  # student (official 2e-6 at 20B); quarter-cosine to lr_min
+    lr_min: float = 2e-6
+    lr_fake: float = 2e-5  # fake score (the official code uses the student's lr; the paper says 4e-7)
+    fake_updates: int = 4  # fake-score updates per student update (official 4)
+    fake_lora_rank: int = 0  # 0: full copy of the teacher (official code); r > 0: LoRA on the shared teacher
+    fake_lora_alpha: float = 16.0
+    fake_cos_loss: bool = True  # + mean(1 − cos) in the fake score's flow-matching loss (official)
+    teacher_cfg: float = 2.0  # the toy teacher's best CFG (paper / official 6.0)
+    cfg_rescale: bool = False  # the sampler's per-token norm rescale in the teacher's CFG (official trainer: off)
+    weighting: str = "official"  # "official" (the DMD normaliser) or "paper" ((1 − t)/t, Eq. 13)
+    max_gen_steps: int = 4  # backward simulation cycles n = 1 … max_gen_steps; 1 = no backward simulation
+    renoise_clamp: bool = True  # re-noise t clamped to [0.02, 0.98] (DMD2 practice)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    ema: float = 0.95  # per student update (official)
+    fsdp: bool = False
+    bf16: bool = False
+    log_every: int = 5
+    save_every: int = 100
+    eval_every: int = 200
+    eval_cases: int = 16
+    eval_steps: int = 4
+    eval_cfg: float = 1.0
+    seed: int = 0
+    resume: bool = False
+
+
+def check(cfg):
+    """Flags and paths, before any expensive work: one line naming the problem."""
+    for name in ("teacher", "init") + (("init2",) if cfg.init2 else ()):
+        path = getattr(cfg, name)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SystemExit(f"error: --{name} {path} is not a transformer folder (no config.json)")
+    if cfg.weighting not in ("official", "paper"):
+        raise SystemExit(f"error: --weighting must be official or paper, not {cfg.weighting!r}")
+    if cfg.steps < 1 or cfg.fake_updates < 1 or cfg.max_gen_steps < 1 or cfg.lr <= 0 or cfg.lr_fake <= 0:
+        raise SystemExit("error: --steps, --fake_updates, --max_gen_steps must be >= 1 and the lrs > 0")
+
+
+def build_models(cfg, device):
+    """student (init, or the average of init and init2), its EMA, the frozen teacher and the fake score F_φ
+    (a full copy of the teacher, or LoRA adapters on the teacher itself: then `fake is teacher`)."""
+    student = M.load_mmdit(cfg.init, dtype=torch.float32)
+    if cfg.init2:
+        other = M.load_mmdit(cfg.init2, dtype=torch.float32).state_dict()
+        student.load_state_dict({k: 0.5 * (v + other[k]) for k, v in student.state_dict().items()})
+    T.freeze_unused(student)
+    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    teacher = M.load_mmdit(cfg.teacher, dtype=torch.float32).requires_grad_(False).eval()
+    if cfg.fake_lora_rank:
+        M.add_lora(teacher, cfg.fake_lora_rank, cfg.fake_lora_alpha)  # only the adapters train
+        fake = teacher
+    else:
+        fake = copy.deepcopy(teacher).requires_grad_(True).train()
+        T.freeze_unused(fake)
+    return student.to(device), ema, teacher.to(device), fake.to(device)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(cfg):
+    check(cfg)
+    rank, world, device = T.setup_dist()
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.out, exist_ok=True)
+    per_rank = cfg.batch // world
+    if cfg.batch % world or per_rank % cfg.micro_batch:
+        raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
+    accum = per_rank // cfg.micro_batch
+    dataset = T.build_cache(cfg, rank, world)
+    lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]
+
+    student, ema, teacher, fake = build_models(cfg, device)
+    dstudent = T.wrap(student, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
+    dfake = T.wrap(fake, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
+    opt = T.make_optimizer(dstudent, cfg.lr, cfg.weight_decay)
+    opt_fake = T.make_optimizer(dfake, cfg.lr_fake, cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    sched = SchedulerConfig.from_folder(cfg.assets)
+    teacher_off = M.lora_off if cfg.fake_lora_rank else contextlib.nullcontext  # LoRA fake: the teacher is its base
+
+    step = 0
+    if cfg.resume and T.latest_checkpoint(cfg.out):
+        step, _ = T.load_checkpoint(T.latest_checkpoint(cfg.out), dstudent, ema, opt, g, extra={"fake": (dfake, opt_fake)})
+        if rank == 0:
+            print(f"resumed from step {step}")
+    meter = T.Meter(cfg.out, rank)
+    if rank == 0:
+        print(f"DMD of {cfg.init} towards {cfg.teacher} (CFG {cfg.teacher_cfg}): {len(dataset)} cached samples, "
+              f"{world} process(es), fake score {'LoRA r=%d' % cfg.fake_lora_rank if cfg.fake_lora_rank else 'full copy'}")
+    pbar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="dmd")
+    t_last, logged, micro = time.time(), step, 0
+
+    def next_batch():  # the data position is (step, micro-batch counter): resume-exact
+        nonlocal micro
+        idx = T.batch_indices(step * (cfg.fake_updates + 1) + micro, lengths, cfg.batch, cfg.seed)
+        micro = (micro + 1) % (cfg.fake_updates + 1)
+        idx = idx[rank * per_rank : (rank + 1) * per_rank]
+        return [[dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]] for m in range(accum)]
+
+    def renoise_t(shapes):
+        t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
+        return t.clamp(0.02, 0.98) if cfg.renoise_clamp else t
+
+    while step < cfg.steps:
+        lr = T.lr_at(step, cfg.lr, cfg.lr_min, 0, cfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        n_gen = step % cfg.max_gen_steps + 1  # backward simulation: 1, 2, 3, 4, 1, …
+        # 1. the fake score F_φ: flow matching (Eq. 1) on fresh student samples
+        fake_loss = 0.0
+        for _ in range(cfg.fake_updates):
+            for m, items in enumerate(next_batch()):
+                x, shapes, txt, txt_mask = T.make_batch(items, 0.0, g, device)
+                tgt = target_rows(shapes, x.shape[1], device)[..., None]
+                with torch.no_grad():
+                    x0 = backward_simulate(T.unwrap(dstudent), torch.randn(x.shape, generator=g).to(device), x, tgt,
+                                           shapes, txt, txt_mask, n_gen, sched, g, grad=False)
+                t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
+                with T.no_sync(dfake, last=m == accum - 1):
+                    v = dfake(on_path(x0, eps, tgt, t), shapes, txt, txt_mask, t)
+                    loss = regression_loss(v, ((eps - x0) * tgt).float(), tgt, cfg.fake_cos_loss)
+                    (loss / accum).backward()
+                fake_loss += loss.item() / accum / cfg.fake_updates
+            torch.nn.utils.clip_grad_norm_(dfake.parameters(), cfg.grad_clip)
+            opt_fake.step()
+            opt_fake.zero_grad(set_to_none=True)
+        # 2. the student: Eq. 13–14 through its last few-step update
+        stats = dict(loss=0.0, g_abs=0.0, x0_mean=0.0, x0_std=0.0)
+        for m, items in enumerate(next_batch()):
+            x, shapes, txt, txt_mask, neg, neg_mask = T.make_batch(items, 0.0, g, device, with_neg=True)
+            tgt = target_rows(shapes, x.shape[1], device)[..., None]
+            with T.no_sync(dstudent, last=m == accum - 1):
+                x0 = backward_simulate(dstudent, torch.randn(x.shape, generator=g).to(device), x, tgt, shapes, txt,
+                                       txt_mask, n_gen, sched, g)
+                t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
+                with torch.no_grad():
+                    xt = on_path(x0.detach(), eps, tgt, t)
+                    with teacher_off(teacher):
+                        v_t = teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t, cfg.teacher_cfg,
+                                               cfg.cfg_rescale)
+                    v_f = T.unwrap(dfake)(xt, shapes, txt, txt_mask, t)
+                    grad = dmd_grad(v_t, v_f, t, x0.detach(), eps, cfg.weighting) * tgt
+                loss = dmd_loss(x0, grad, tgt)
+                (loss / accum).backward()
+            real = x0.detach()[tgt.expand_as(x0)]
+            for k, v in (("loss", loss.item()), ("g_abs", grad[tgt.expand_as(grad)].abs().mean().item()),
+                         ("x0_mean", real.mean().item()), ("x0_std", real.std().item())):
+                stats[k] += v / accum
+        loss_avg = T.mean_over_ranks(torch.tensor(stats["loss"])).item()
+        if not math.isfinite(loss_avg) or not math.isfinite(fake_loss):
+            raise SystemExit(f"error: loss is {loss_avg} (fake {fake_loss}) at step {step}; stopped. Last good "
+                             f"checkpoint: {T.latest_checkpoint(cfg.out)}")
+        gnorm = torch.nn.utils.clip_grad_norm_(dstudent.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        opt_fake.zero_grad(set_to_none=True)  # the student's pass must leave nothing in the fake score's grads
+        T.ema_update(ema, dstudent, cfg.ema)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.time() - t_last
+            meter.log(step=step, loss=loss_avg, fake_loss=round(fake_loss, 5), lr=lr, grad_norm=round(gnorm, 4),
+                      n_gen=n_gen, **{k: round(v, 4) for k, v in stats.items() if k != "loss"},
+                      steps_per_min=round((step - logged) * 60 / dt, 2))
+            pbar.set_postfix(loss=f"{loss_avg:.4f}", fake=f"{fake_loss:.3f}", x0_std=f"{stats['x0_std']:.2f}")
+            t_last, logged = time.time(), step
+        pbar.update(1)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            T.save_checkpoint(cfg.out, step, dstudent, ema, opt, {"config": asdict(cfg)}, g, rank,
+                              extra={"fake": (dfake, opt_fake)})
+            T.export(cfg.out, dstudent, ema, "dmd", rank)
+        if rank == 0 and cfg.data == "toy" and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+            T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "fewstep")
+    pbar.close()
+    T.check_ranks_agree(dstudent, rank)
+    T.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main(T.parse_config(Config, doc=__doc__))
