@@ -47,6 +47,7 @@ import math
 import os
 import random
 import re
+import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -410,6 +411,8 @@ def make_table(cases, scores):
 def format_table(table):
     lines = []
     for name, part in table.items():
+        if not isinstance(part, dict) or "overall" not in part:
+            continue
         lines.append(f"{'ToyCom-Bench v2 ' + name:<26}" + "".join(f"{g:>16}" for g in part))
         for m in METRICS:
             lines.append(f"{m:<26}" + "".join(f"{v[m]:>9.3f} ±{v[m + '_se']:.3f}" if m != "psnr" else
@@ -435,15 +438,17 @@ def evaluate(generate_fn, cases, out_dir=None, batch_size=16, n_grid=8):
     """Generate and judge every case; write table.json, scores.jsonl and grid.png (inputs | generated | target)
     to out_dir if given; return the table. generate_fn(batch of cases) -> one PIL image per case, ideally at
     case["scene"]["size"] (other sizes are resized by the judge)."""
-    images, scores = [], []
+    images, scores, seconds = [], [], 0.0
     for b in tqdm(range(0, len(cases), batch_size), desc="toycom", disable=len(cases) <= batch_size):
         batch = cases[b:b + batch_size]
+        t0 = time.perf_counter()
         out = generate_fn(batch)
+        seconds += time.perf_counter() - t0
         if len(out) != len(batch):
             raise ValueError(f"generate_fn returned {len(out)} images for {len(batch)} cases")
         images += out
         scores += [judge(im, c["scene"]) for im, c in zip(images[b:], batch)]
-    table = make_table(cases, scores)
+    table = make_table(cases, scores) | dict(seconds_per_case=seconds / max(1, len(cases)))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "table.json"), "w") as f:
@@ -585,7 +590,8 @@ def main(argv=None):
     p.add_argument("--transformer", help="judge this transformer folder (sampled with sample.py); default: an oracle")
     p.add_argument("--ckpt", default=sample.TOY_CKPT, help="pipeline root with vae/ and text_encoder/")
     p.add_argument("--steps", type=int, help="sampler steps (default 50 euler / 8 fewstep)")
-    p.add_argument("--cfg", type=float, default=2.0, help="true CFG scale (the toy teacher's best; official 4)")
+    p.add_argument("--cfg", type=float, help="true CFG scale (default: the pipeline's best for the sampler, "
+                   "from model_index.json; official 4)")
     p.add_argument("--sampler", choices=["euler", "fewstep"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--oracle", choices=ORACLES + ["vae"], default="exact",
@@ -601,7 +607,10 @@ def main(argv=None):
     try:
         if args.transformer:
             pipe = sample.load_pipeline(args.ckpt, args.transformer)
+            args.cfg = args.cfg if args.cfg is not None else pipe.default_cfg(args.sampler)
             generate_fn = model_generate(pipe, args.steps, args.cfg, args.sampler, args.seed)
+            print(f"{args.transformer or 'the default transformer'}: {args.sampler or pipe.sampler}, "
+                  f"{args.steps or 'default'} steps, CFG {args.cfg}")
         elif args.oracle == "vae":
             import vae
 
@@ -612,6 +621,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     table = evaluate(generate_fn, cases, args.out)
     print(format_table(table))
+    print(f"generation: {table['seconds_per_case']:.3f} s per case (batches of 16, this machine)")
     if args.diversity and args.transformer:
         comp = [c for c in cases if c["scene"]["kind"] == "compose"][:20]
         table["diversity"] = diversity(lambda s: model_generate(pipe, args.steps, args.cfg, args.sampler, s), comp,

@@ -167,6 +167,10 @@ class Pipeline:
     pixel_budget: int = 1024 * 1024  # the joint budget of the inputs, and the default output area
     sampler: str = "euler"  # what the transformer was trained for: "euler" (teacher) or "fewstep" (CM / DMD)
     device: str = "cpu"
+    cfg: dict = None  # the best CFG per sampler for this pipeline ({} : the official 4)
+
+    def default_cfg(self, sampler=None):
+        return (self.cfg or {}).get(sampler or self.sampler, 4.0)
 
 
 def checkpoint_kind(transformer_dir):
@@ -176,10 +180,16 @@ def checkpoint_kind(transformer_dir):
     return "fewstep" if any(k in name.lower() for k in ("dmd", "-cm", "_cm", "consistency", "fewstep")) else "euler"
 
 
-def pixel_budget(ckpt):
-    """The joint pixel budget of a pipeline folder: 1024² officially; the toy records its 128² in model_index.json."""
+def pipeline_index(ckpt):
+    """model_index.json of a pipeline folder ({} if absent). The toy's records its scale and defaults:
+    nanounipic_pixel_budget (128²; official 1024²), nanounipic_default_transformer (the folder `--transformer`
+    defaults to; official: transformer) and nanounipic_cfg ({sampler: the best CFG}; official 4)."""
     index = os.path.join(ckpt, "model_index.json")
-    return json.load(open(index)).get("nanounipic_pixel_budget", 1024 * 1024) if os.path.exists(index) else 1024 * 1024
+    return json.load(open(index)) if os.path.exists(index) else {}
+
+
+def pixel_budget(ckpt):
+    return pipeline_index(ckpt).get("nanounipic_pixel_budget", 1024 * 1024)
 
 
 def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
@@ -198,7 +208,8 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
     if isinstance(transformer, torch.nn.Module):  # a model in memory (the trainers' periodic evaluation)
         net, kind = transformer, "euler"
     else:
-        transformer = transformer or os.path.join(ckpt, "transformer")
+        transformer = transformer or os.path.join(ckpt, pipeline_index(ckpt).get("nanounipic_default_transformer",
+                                                                                  "transformer"))
         if not os.path.isdir(transformer):
             raise ValueError(f"transformer folder {transformer} does not exist")
         net, kind = M.load_mmdit(transformer, dtype=dtype, device=device), checkpoint_kind(transformer)
@@ -210,6 +221,7 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
         pixel_budget=pixel_budget(ckpt),
         sampler=kind,
         device=device,
+        cfg=pipeline_index(ckpt).get("nanounipic_cfg", {}),
     )
 
 
@@ -301,7 +313,7 @@ def check_args(args):
     """Everything that can be checked before loading a model: a one-line ValueError naming the problem."""
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be a positive number of denoising steps, got {args.steps}")
-    if not math.isfinite(args.cfg) or args.cfg < 1:
+    if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 1):
         raise ValueError(f"--cfg must be a finite number >= 1 (1 disables guidance), got {args.cfg}")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty; give the instruction, e.g. \"The person from Image1 holds the cup from Image2.\"")
@@ -327,7 +339,7 @@ def main(argv=None):
     p.add_argument("--images", nargs="+", help="1–6 input images (default: a built-in toy example)")
     p.add_argument("--prompt", help="the instruction; refer to inputs as Image1, Image2, …")
     p.add_argument("--steps", type=int, help="denoising steps (default 50 for euler, 8 for fewstep)")
-    p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale; 1 disables CFG (4.0 in the official scripts; CFG-distilled students also run well at 1)")
+    p.add_argument("--cfg", type=float, help="true CFG scale; 1 disables CFG (default: the pipeline's best for its sampler, from model_index.json; 4.0 in the official scripts)")
     p.add_argument("--sampler", choices=["euler", "fewstep"], help="default: from the checkpoint (teacher → euler, CM/DMD → fewstep)")
     p.add_argument("--seed", type=int, default=0, help="initial (and re-noise) noise seed")
     p.add_argument("--height", type=int, help="output height in pixels, a multiple of 16 (default: the budget's square, 1024 officially)")
@@ -363,16 +375,19 @@ def main(argv=None):
             images, prompt, target = builtin_example()
             prompt = args.prompt or prompt
         pipe = load_pipeline(args.ckpt, args.transformer, dtype=dtype, device=args.device)
-        out = generate(pipe, [prompt], [images], steps=args.steps, cfg=args.cfg, sampler=args.sampler, seed=args.seed,
+        cfg = args.cfg if args.cfg is not None else pipe.default_cfg(args.sampler)
+        out = generate(pipe, [prompt], [images], steps=args.steps, cfg=cfg, sampler=args.sampler, seed=args.seed,
                        height=args.height, width=args.width, max_images=args.max_images,
                        offload_text_encoder=args.offload_text_encoder)[0]
     except ValueError as e:
         sys.exit(f"error: {e}")
     save_png(out, args.out)
-    print(f"prompt: {prompt}\nwrote {args.out} ({out.width}x{out.height})")
+    print(f"prompt: {prompt}\nwrote {args.out} ({out.width}x{out.height}; {args.sampler or pipe.sampler}, CFG {cfg})")
     if args.grid:
         g = grid(images + ([target] if target is not None else []), out)
-        save_png(g, os.path.splitext(args.out)[0] + "_grid.png")
+        path = os.path.splitext(args.out)[0] + "_grid.png"
+        save_png(g, path)
+        print(f"wrote {path} (inputs | output{' | exact target' if target is not None else ''})")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """
 Plumbing shared by train_fm.py, train_cm.py and train_dmd.py — plain functions, no Trainer class:
 process groups (DDP, or FSDP2 for the 20B model), AdamW without decay on 1-D params, the official quarter-cosine
-LR schedule, EMA, atomic safetensors checkpoints with exact resume, metrics logging.
+LR schedule, EMA, the timestep sampler, the latent cache and the batches drawn from it (one cache serves all three
+trainers), atomic safetensors checkpoints with exact resume, periodic evaluation on the validation split, metrics.
 
 Checkpoint layout under OUT/:
     ckpt/step_000100/{model,ema,optim}.safetensors + state.json    (everything needed to resume exactly)
+    ckpt/step_000100/{fake,fake_optim}.safetensors                   (DMD: further named models and optimisers)
     ckpt/latest                                                     (names the last complete step folder)
     transformer/, ema_transformer/                                  (official layout: load_mmdit, diffusers)
 A step folder is written completely before `latest` is switched to it (temp file + rename), so a run killed
@@ -201,13 +203,18 @@ def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
 
 
 def build_cache(cfg, rank, world):
-    """Each process encodes its share (i ≡ rank mod world) into cache/<fingerprint>/part{rank}; returns the full
-    dataset. The fingerprint covers the data, its size and the encoder files, so a changed VAE is never reused."""
+    """Each process encodes its share (i ≡ rank mod world) into cache/<fingerprint>/part{rank}of{world}; returns the
+    full dataset. The fingerprint covers the data, its size, the world version and the encoder files, so a changed
+    VAE is never reused; a complete cache written by any number of processes is reused as it is."""
     files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder") for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
     key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, D.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
     root = os.path.join(cfg.cache, hashlib.sha1(key.encode()).hexdigest()[:12])
-    parts = [os.path.join(root, f"part{r}of{world}") for r in range(world)]
-    if not os.path.exists(os.path.join(parts[rank], "index.json")):
+    complete = lambda w: all(os.path.exists(os.path.join(root, f"part{r}of{w}", "index.json")) for r in range(w))
+    built = sorted(int(d.rpartition("of")[2]) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                   if d.startswith("part0of") and complete(int(d.rpartition("of")[2])))
+    W = built[0] if built else world  # a cache built by another number of processes is the same data: reuse it
+    parts = [os.path.join(root, f"part{r}of{W}") for r in range(W)]
+    if W == world and not os.path.exists(os.path.join(parts[rank], "index.json")):
         import text_encoder as TE
         import vae as V
 

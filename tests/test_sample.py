@@ -228,3 +228,24 @@ def test_default_command_uses_the_embedded_toy_model(tmp_path):
     S.main(["--steps", "2", "--out", str(out), "--grid"])
     assert Image.open(out).size == (128, 128)
     assert Image.open(tmp_path / "sample_grid.png").height == 128
+
+
+def test_pipeline_defaults_follow_model_index(tiny_pipeline, tmp_path):
+    """A pipeline folder can name its default transformer and its best CFG per sampler (the toy: the DMD student,
+    CFG 1 for it); the teacher stays one flag away."""
+    import json
+    import shutil
+
+    import model as M
+
+    root = tmp_path / "p"
+    shutil.copytree(tiny_pipeline, root)
+    M.save_mmdit(M.load_mmdit(str(root / "transformer")), str(root / "transformer_dmd"), name_or_path="nanounipic-dmd")
+    index = json.load(open(root / "model_index.json"))
+    index |= {"nanounipic_default_transformer": "transformer_dmd", "nanounipic_cfg": {"euler": 2.5, "fewstep": 1.0}}
+    json.dump(index, open(root / "model_index.json", "w"))
+    pipe = S.load_pipeline(str(root))
+    assert pipe.sampler == "fewstep" and pipe.default_cfg() == 1.0 and pipe.default_cfg("euler") == 2.5
+    teacher = S.load_pipeline(str(root), str(root / "transformer"))
+    assert teacher.sampler == "euler" and teacher.default_cfg() == 2.5
+    assert S.load_pipeline(tiny_pipeline).default_cfg() == 4.0  # no record: the official value
