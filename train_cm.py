@@ -166,15 +166,7 @@ def main(cfg):
         raise SystemExit(f"error: --guidance_from must be teacher or ema, not {cfg.guidance_from!r}")
     if not os.path.isfile(os.path.join(cfg.init, "config.json")):
         raise SystemExit(f"error: --init {cfg.init} is not a transformer folder (no config.json)")
-    rank, world, device = T.setup_dist()
-    torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.out, exist_ok=True)
-    per_rank = cfg.batch // world
-    if cfg.batch % world or per_rank % cfg.micro_batch:
-        raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
-    accum = per_rank // cfg.micro_batch
-    dataset = T.build_cache(cfg, rank, world)
-    lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]
+    rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
     model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
     model.gradient_checkpointing = cfg.grad_ckpt

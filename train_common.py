@@ -65,6 +65,20 @@ def setup_dist():
     return rank, world, device
 
 
+def start_run(cfg):
+    """What every trainer does first: processes, seeds, the output folder, the batch split and the latent cache.
+    Returns (rank, world, device, per-rank batch, accumulation steps, dataset, each sample's row count)."""
+    rank, world, device = setup_dist()
+    torch.manual_seed(cfg.seed + rank)
+    per_rank = cfg.batch // world
+    if cfg.batch % world or per_rank % cfg.micro_batch:
+        raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
+    os.makedirs(cfg.out, exist_ok=True)
+    dataset = build_cache(cfg, rank, world)
+    lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]  # rows per sample, for batch_indices
+    return rank, world, device, per_rank, per_rank // cfg.micro_batch, dataset, lengths
+
+
 def cleanup_dist():
     if dist.is_initialized():
         dist.barrier()

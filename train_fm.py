@@ -92,15 +92,7 @@ class Config:
 
 
 def main(cfg):
-    rank, world, device = T.setup_dist()
-    torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.out, exist_ok=True)
-    per_rank = cfg.batch // world
-    if cfg.batch % world or per_rank % cfg.micro_batch:
-        raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
-    accum = per_rank // cfg.micro_batch
-    dataset = T.build_cache(cfg, rank, world)
-    lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]  # rows per sample, for batch_indices
+    rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
     if cfg.init:
         model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
