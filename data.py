@@ -7,7 +7,7 @@ The toy world adds a "scene" key: the exact index of what the target contains, r
 
 The toy world stands in for the paper's pipeline (CC12M persons, Qwen-Image objects, a curated HOI conflict
 matrix, Nano-Banana / Seedream targets) with exact ground truth: a person (identity: head shape × skin × shirt)
-at a fixed layout centred in the target; 14 item categories at the HOI positions head / torso / right_hand /
+under a layout the inputs do not fix (v2: placement, scale, pose, horizon, sun; ToyWorld.layout); 14 item categories at the HOI positions head / torso / right_hand /
 left_hand / both_hands / feet in 6 colours, sampled under the conflict matrix; 6 backgrounds. Composition: 2–6
 sources (the person on its own background, one image per item, maybe a scene), each rendered alone at its own
 random size and aspect. Editing: one full scene + add / remove / replace / recolour an item or change the
@@ -402,8 +402,7 @@ class ToyWorld:
         before = self._items(rng, {"add": [0, 1, 2, 3], "background": [0, 1, 2, 3, 4]}.get(op, [1, 2, 3, 4]))
         items, new_bg, p, template = dict(before), bg, None, rng.choice(EDITS[op])
         if op == "add":
-            p = rng.choice([q for q in POSITIONS if valid(list(before) + [q]) and
-                            (q != "both_hands" or not set(before) & {"right_hand", "left_hand"})])
+            p = rng.choice([q for q in POSITIONS if valid(list(before) + [q])])
             items[p] = [rng.choice(CATS_AT[p]), rng.choice(list(COLOURS))]
             text = template.format(a=_a(*items[p]), where=WHERE[p])
         elif op == "background":

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import model as M
-import train_common as T
 import train_dmd as DMD
 
 from test_train import torchrun
