@@ -149,3 +149,8 @@ def pad_text(embs):
         txt[b, : e.shape[0]] = e
         mask[b, : e.shape[0]] = True
     return txt, mask
+
+
+def pad_text_pair(txt, txt_mask, neg, neg_mask):
+    """[cond; uncond] text in one batch (true CFG in one forward): the real tokens of both, padded together."""
+    return pad_text([e[m] for e, m in zip(txt, txt_mask)] + [e[m] for e, m in zip(neg, neg_mask)])

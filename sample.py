@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from pack import (collate, image_to_tensor, joint_resize, pack, pad_text, target_rows, tensor_to_image, to_rgb,
+from pack import (collate, image_to_tensor, joint_resize, pack, pad_text_pair, target_rows, tensor_to_image, to_rgb,
                   unified_sequence, unpack)
 
 TOY_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
@@ -128,7 +128,7 @@ def denoise(model, refs, target_hw, txt, txt_mask, neg=None, neg_mask=None, *, s
 
     use_cfg = cfg > 1 and neg is not None
     if use_cfg:  # one forward for both branches: the same image rows, text = [cond; uncond]
-        txt, txt_mask = pad_text([e[m] for e, m in zip(txt, txt_mask)] + [e[m] for e, m in zip(neg, neg_mask)])
+        txt, txt_mask = pad_text_pair(txt, txt_mask, neg, neg_mask)
         shapes = shapes + shapes
     txt = txt.to(device, dtype)
     txt_mask = txt_mask.to(device)

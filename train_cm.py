@@ -48,7 +48,7 @@ from tqdm import tqdm
 import data as D
 import model as M
 import train_common as T
-from pack import target_rows
+from pack import pad_text_pair, target_rows
 from sample import TOY_CKPT
 
 # -----------------------------------------------------------------------------
@@ -88,18 +88,10 @@ def cm_target(model, x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide=None, n
     if cfg.guidance:
         with torch.no_grad():
             xt = on_path(x, noise, tgt, t)
-            v = guide(torch.cat([xt, xt]), shapes + shapes, *pad_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
+            v = guide(torch.cat([xt, xt]), shapes + shapes, *pad_text_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
             v_c, v_u = v.double().chunk(2)
         target = target + cfg.guidance * (v_c - v_u)
     return (target * tgt).float(), norm.mean().item()
-
-
-def pad_pair(txt, txt_mask, neg, neg_mask):
-    """[cond; uncond] text in one batch, padded to the longer of the two."""
-    L = max(txt.shape[1], neg.shape[1])
-    pad = lambda e, m: (torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1])), torch.nn.functional.pad(m, (0, L - m.shape[1])))
-    (a, am), (b, bm) = pad(txt, txt_mask), pad(neg, neg_mask)
-    return torch.cat([a, b]), torch.cat([am, bm])
 
 
 def regression_loss(v, target, tgt, cos_loss=False):
@@ -182,11 +174,7 @@ def main(cfg):
     opt = T.make_optimizer(dmodel, cfg.lr, cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
 
-    step = 0
-    if cfg.resume and T.latest_checkpoint(cfg.out):
-        step, _ = T.load_checkpoint(T.latest_checkpoint(cfg.out), dmodel, ema, opt, g)
-        if rank == 0:
-            print(f"resumed from step {step}")
+    step = T.resume(cfg, dmodel, ema, opt, g, rank)
     meter = T.Meter(cfg.out, rank)
     if rank == 0:
         print(f"consistency tuning of {cfg.init}: {len(dataset)} cached samples, {world} process(es), batch "

@@ -437,6 +437,17 @@ def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
     return state["step"], state["info"]
 
 
+def resume(cfg, model, ema, opt, generator, rank, extra=None):
+    """With --resume true and a checkpoint under cfg.out: restore everything in place; returns the step to go on
+    from (0 for a fresh run)."""
+    if not (cfg.resume and latest_checkpoint(cfg.out)):
+        return 0
+    step, _ = load_checkpoint(latest_checkpoint(cfg.out), model, ema, opt, generator, extra)
+    if rank == 0:
+        print(f"resumed from step {step}")
+    return step
+
+
 def export(out, model, ema, kind="teacher", rank=0):
     """Write OUT/transformer and OUT/ema_transformer in the official layout (official names, no prefixes)."""
     msd = full_state_dict(model)

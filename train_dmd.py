@@ -46,9 +46,9 @@ from tqdm import tqdm
 import data as D
 import model as M
 import train_common as T
-from pack import target_rows
+from pack import pad_text_pair, target_rows
 from sample import TOY_CKPT, SchedulerConfig, cfg_combine, fewstep_times, fewstep_update
-from train_cm import on_path, pad_pair, regression_loss
+from train_cm import on_path, regression_loss
 
 # -----------------------------------------------------------------------------
 # the objective
@@ -93,7 +93,7 @@ def backward_simulate(student, noise, x, tgt, shapes, txt, txt_mask, n, sched, g
 
 def teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t, scale, rescale):
     """F_teacher^CFG: cond and uncond (" " with the same images) in one forward."""
-    v = teacher(torch.cat([xt, xt]), shapes + shapes, *pad_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
+    v = teacher(torch.cat([xt, xt]), shapes + shapes, *pad_text_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
     v_c, v_u = v.chunk(2)
     return cfg_combine(v_c, v_u, scale) if rescale else v_u + scale * (v_c - v_u)
 
@@ -193,11 +193,7 @@ def main(cfg):
     sched = SchedulerConfig.from_folder(cfg.assets)
     teacher_off = M.lora_off if cfg.fake_lora_rank else contextlib.nullcontext  # LoRA fake: the teacher is its base
 
-    step = 0
-    if cfg.resume and T.latest_checkpoint(cfg.out):
-        step, _ = T.load_checkpoint(T.latest_checkpoint(cfg.out), dstudent, ema, opt, g, extra={"fake": (dfake, opt_fake)})
-        if rank == 0:
-            print(f"resumed from step {step}")
+    step = T.resume(cfg, dstudent, ema, opt, g, rank, extra={"fake": (dfake, opt_fake)})
     meter = T.Meter(cfg.out, rank)
     if rank == 0:
         print(f"DMD of {cfg.init} towards {cfg.teacher} (CFG {cfg.teacher_cfg}): {len(dataset)} cached samples, "

@@ -112,11 +112,7 @@ def main(cfg):
     opt = T.make_optimizer(dmodel, cfg.lr, cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)  # noise, t and condition dropout
 
-    step = 0
-    if cfg.resume and T.latest_checkpoint(cfg.out):
-        step, _ = T.load_checkpoint(T.latest_checkpoint(cfg.out), dmodel, ema, opt, g)
-        if rank == 0:
-            print(f"resumed from step {step}")
+    step = T.resume(cfg, dmodel, ema, opt, g, rank)
     meter = T.Meter(cfg.out, rank)
     params = sum(p.numel() for p in model.parameters())
     if rank == 0:
