@@ -677,7 +677,8 @@ def build_toy_assets(root, vae_steps=1600, vocab_size=512, seed=0):
         json.dump(sched, f, indent=2)
     with open(os.path.join(root, "model_index.json"), "w") as f:
         json.dump({"_class_name": "QwenImageEditPipeline", "nanounipic_pixel_budget": TOY_BUDGET,
-                   "nanounipic_vae_fit": metrics}, f, indent=2)  # the pixel budget tells sample.py the toy scale
+                   "nanounipic_vae_fit": metrics, "nanounipic_cfg": {"euler": 2.0, "fewstep": 1.0}}, f, indent=2)
+        # the pixel budget tells sample.py the toy scale; the CFG map its best guidance per sampler
     return metrics
 
 

@@ -387,7 +387,7 @@ def main(argv=None):
         g = grid(images + ([target] if target is not None else []), out)
         path = os.path.splitext(args.out)[0] + "_grid.png"
         save_png(g, path)
-        print(f"wrote {path} (inputs | output{' | exact target' if target is not None else ''})")
+        print(f"wrote {path} (inputs{' | exact target' if target is not None else ''} | output)")
 
 
 if __name__ == "__main__":
