@@ -133,6 +133,13 @@ SCALES = [round(0.78 + 0.02 * k, 2) for k in range(9)]  # person scale, a share 
 HORIZON = (0.5, 0.75)  # horizon row as a share of H, for scenes with a ground colour (default 0.62)
 SUN = (255, 250, 215)  # a pale disk somewhere in the sky; no item, skin or ground colour is near it
 SUN_R = 0.06  # its radius as a share of min(W, H)
+# How finely a layout is drawn. "free" is ToyWorld v2 (every integer placement, 9 scales, 7 hand heights): the
+# bench and the judge use it. "coarse" draws a subset of the same valid layouts — placement, sun and horizon on the
+# 8-px grid of latent pixels, 3 scales, 3 hand heights — for training a small model: with every integer shift the
+# modes of the target overlap within a token, and a 1.4M-parameter teacher sampled a patchwork of them (README).
+LAYOUTS = {"free": dict(step=1, scales=SCALES, hands=HAND_YS, both=BOTH_HAND_YS),
+           "coarse": dict(step=8, scales=SCALES[::4], hands=HAND_YS[::3], both=BOTH_HAND_YS[::2]),
+           "grid16": dict(step=16, scales=SCALES[::8], hands=HAND_YS[::6], both=BOTH_HAND_YS[::4])}
 
 
 def _map(tf, xy):  # canonical (x0, y0, x1, y1, ...) -> pixels under tf = (ox, oy, scale)
@@ -287,6 +294,7 @@ class WorldConfig:
     p_category_word: float = 0.7  # chance that it names the item's category ("the item from Image3" otherwise)
     p_sun: float = 0.7  # chance of a sun in the target's sky
     shuffle_sources: bool = False  # False: Image1 is the person, a scene comes last
+    layout: str = "free"  # how finely target layouts are drawn (LAYOUTS); the bench always uses "free"
 
 
 BENCH_WORLD = WorldConfig(p_colour_word=0.0, p_category_word=0.4)  # ToyCom-Bench v2: the references are needed
@@ -332,6 +340,8 @@ class ToyWorld:
         if seed >= BENCH_SEED and not held_out:
             raise ValueError(f"seed {seed} is in the held-out ToyCom-Bench range (>= {BENCH_SEED})")
         self.seed, self.cfg = seed, cfg or WorldConfig()
+        if self.cfg.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.cfg.layout!r}; choose from {sorted(LAYOUTS)}")
         if not 1 <= self.cfg.min_inputs - 1 <= self.cfg.max_inputs - 1 < MAX_IMAGES:
             raise ValueError(f"composition inputs {self.cfg.min_inputs}..{self.cfg.max_inputs} not within 2..6")
 
@@ -351,19 +361,21 @@ class ToyWorld:
     def layout(self, rng, size, items, background):
         """What the inputs leave free in the target (ToyWorld v2), on an integer grid the judge can search:
         the person's scale and placement anywhere it fits, each hand's height (one shared height under a
-        two-handed item), the horizon and a sun somewhere in the sky."""
+        two-handed item), the horizon and a sun somewhere in the sky. WorldConfig.layout picks how finely."""
         W, H = size
-        scale = rng.choice(SCALES)
+        g = LAYOUTS[self.cfg.layout]
+        step = g["step"]
+        grid = lambda lo, hi: step * rng.randint(-(-lo // step), max(-(-lo // step), hi // step))  # in [lo, hi]
+        scale = rng.choice(g["scales"])
         side = math.ceil(scale * min(size))
-        hands = [rng.choice(HAND_YS), rng.choice(HAND_YS)]
+        hands = [rng.choice(g["hands"]), rng.choice(g["hands"])]
         if "both_hands" in items:
-            hands = [rng.choice(BOTH_HAND_YS)] * 2
-        horizon = round(rng.uniform(*HORIZON) * H)
+            hands = [rng.choice(g["both"])] * 2
+        horizon = step * round(rng.uniform(*HORIZON) * H / step)
         sky = horizon if SCENES[background][1] else H
         r = math.ceil(SUN_R * min(size))
-        sun = [rng.randint(r, W - r), rng.randint(r, max(r, min(sky, H // 2) - r))] if rng.random() < self.cfg.p_sun else None
-        return dict(x=rng.randint(0, W - side), y=rng.randint(0, H - side), scale=scale, hands=hands,
-                    horizon=horizon, sun=sun)
+        sun = [grid(r, W - r), grid(r, min(sky, H // 2) - r)] if rng.random() < self.cfg.p_sun else None
+        return dict(x=grid(0, W - side), y=grid(0, H - side), scale=scale, hands=hands, horizon=horizon, sun=sun)
 
     def scene(self, i, kind=None, n_inputs=None, op=None):
         """The scene index of sample i; kind ("compose" / "edit"), n_inputs and op override the random choice."""
@@ -471,6 +483,17 @@ def check_image(path, max_pixels=MAX_PIXELS, verify=True):
             raise ValueError(f"{path}: aspect {w}x{h} outside 0.1-10")
         if verify:
             im.load()
+
+
+def toy_world_config(data):
+    """The trainers' --data: "toy" (ToyWorld v2) or "toy:LAYOUT" (e.g. toy:coarse) → a WorldConfig; None for a
+    path (an official jsonl)."""
+    if data != "toy" and not data.startswith("toy:"):
+        return None
+    layout = data.partition(":")[2] or "free"
+    if layout not in LAYOUTS:
+        raise ValueError(f"--data {data}: unknown toy layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    return WorldConfig(layout=layout)
 
 
 class ToyDataset(torch.utils.data.Dataset):

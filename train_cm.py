@@ -222,7 +222,7 @@ def main(cfg):
         if step % cfg.save_every == 0 or step == cfg.steps:
             T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank)
             T.export(cfg.out, dmodel, ema, "cm", rank)
-        if rank == 0 and cfg.data == "toy" and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
             T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "fewstep")
     pbar.close()
     T.check_ranks_agree(dmodel, rank)

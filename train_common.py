@@ -234,8 +234,9 @@ def build_cache(cfg, rank, world):
 
         vae = V.load_vae(os.path.join(cfg.assets, "vae"))
         te = TE.load_text_encoder(cfg.assets)
-        if cfg.data == "toy":
-            ds = D.ToyDataset(cfg.n_data, seed=D.TRAIN_SEED + cfg.seed, budget=cfg.budget)
+        toy = D.toy_world_config(cfg.data)
+        if toy:
+            ds = D.ToyDataset(cfg.n_data, seed=D.TRAIN_SEED + cfg.seed, budget=cfg.budget, cfg=toy)
         else:
             ds = D.JsonlDataset(cfg.data, budget=cfg.budget)
         shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))

@@ -279,7 +279,7 @@ def main(cfg):
             T.save_checkpoint(cfg.out, step, dstudent, ema, opt, {"config": asdict(cfg)}, g, rank,
                               extra={"fake": (dfake, opt_fake)})
             T.export(cfg.out, dstudent, ema, "dmd", rank)
-        if rank == 0 and cfg.data == "toy" and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
             T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "fewstep")
     pbar.close()
     T.check_ranks_agree(dstudent, rank)

@@ -162,7 +162,7 @@ def main(cfg):
                 export_lora(cfg, dmodel, rank)
             else:
                 T.export(cfg.out, dmodel, ema, "teacher", rank)
-        if rank == 0 and cfg.data == "toy" and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
             T.evaluate(cfg.assets, ema if ema is not None else T.unwrap(dmodel), cfg.out, step, meter, cfg.eval_cases,
                        cfg.eval_steps, cfg.eval_cfg, "euler")
     pbar.close()
