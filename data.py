@@ -31,11 +31,8 @@ import json
 import math
 import os
 import random
-import re
 import time
-import unicodedata
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +43,6 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import pack
-import text_encoder as TE
-import vae as V
 
 TOY_BUDGET = 128 * 128  # toy pixel budget: all references together, and the target on its own
 TOY_SIZE = (128, 128)  # default target (W, H): a 16×16 latent, 8×8 = 64 tokens after 2×2 packing
@@ -542,15 +537,19 @@ class JsonlDataset(torch.utils.data.Dataset):
                     check_image(p, max_pixels, verify)
                 self.samples.append((n, paths, str(rec["instruction"]), rec.get("scene")))
             except Exception as e:  # any bad line: json, keys, missing or corrupt file, PIL errors
-                self.skipped.append((n, f"{type(e).__name__}: {e}"))
+                self.skipped.append((n, " ".join(f"{type(e).__name__}: {e}".split())))  # one line
+        if not self.samples:
+            what = f"none of its {len(self.skipped)} lines is usable" if self.skipped else "it has no lines"
+            raise ValueError(f"{path}: {what}{self._shown()}")
         if self.skipped:
             self._warn(f"skipped {len(self.skipped)} of {len(self.samples) + len(self.skipped)} lines")
-        if not self.samples:
-            raise ValueError(f"{path}: no usable samples")
+
+    def _shown(self):  # " (line 2: reason; line 5: reason ...)": the first five bad lines
+        shown = "; ".join(f"line {n}: {r}" for n, r in self.skipped[:5])
+        return f" ({shown}{' ...' if len(self.skipped) > 5 else ''})" if shown else ""
 
     def _warn(self, what):
-        shown = "; ".join(f"line {n}: {r}" for n, r in self.skipped[:5])
-        warnings.warn(f"{self.path}: {what} ({shown}{' ...' if len(self.skipped) > 5 else ''})")
+        warnings.warn(f"{self.path}: {what}{self._shown()}")
 
     def __len__(self):
         return len(self.samples)
@@ -588,45 +587,108 @@ def write_jsonl(folder, n, seed=TRAIN_SEED, cfg=None, name="data.jsonl"):
 # cache of VAE latents and text embeddings (safetensors shards), so training does not re-encode
 
 
+CACHE_SHARD = 1024  # samples per cache shard: the most an interrupted build has to encode again
+
+
 @torch.no_grad()
-def cache_latents(dataset, encode_image, encode_text, path, shard_size=1024, null_prompt=None):
+def cache_latents(dataset, encode_image, encode_text, path, shard_size=CACHE_SHARD, null_prompt=None):
     """encode_image: x [1, 3, H, W] in [-1, 1] -> z [1, C, h, w] (e.g. normalised VAE mean);
     encode_text: (prompts [str], images [[PIL]]) -> (emb [B, L, D], mask [B, L]), e.g. TextEncoder.encode.
     null_prompt (e.g. " "): also cache its embedding with the same images, for condition dropout.
-    Writes path/shard-XXXXX.safetensors and path/index.json."""
+    Writes path/shard-XXXXX.safetensors, each whole (temp file + rename) with its items' index entries in its
+    metadata, and path/index.json last. A build that was killed resumes at the first shard not on disk; readers
+    need index.json, so a partial cache is never served."""
     os.makedirs(path, exist_ok=True)
-    index, tensors = [], {}
-    for i in tqdm(range(len(dataset)), desc="cache", disable=len(dataset) < 100):
-        s = dataset[i]
-        zs = [encode_image(pack.image_to_tensor(im)[None])[0] for im in [s["output_image"]] + s["input_images"]]
-        prompts = [s["instruction"]] + ([null_prompt] if null_prompt is not None else [])
-        emb, mask = encode_text(prompts, [s["input_images"]] * len(prompts))
-        tensors[f"{i}.target"] = zs[0].float().contiguous()  # [C, h, w]
-        for k, z in enumerate(zs[1:]):
-            tensors[f"{i}.ref{k}"] = z.float().contiguous()  # [C, h_k, w_k]
-        tensors[f"{i}.txt"] = emb[0][mask[0].bool()].float().contiguous()  # [L, D], real tokens only
-        if null_prompt is not None:
-            tensors[f"{i}.neg"] = emb[1][mask[1].bool()].float().contiguous()
-        index.append(dict(shard=i // shard_size, refs=len(zs) - 1, neg=null_prompt is not None,
-                          instruction=s["instruction"], scene=s["scene"]))
-        if (i + 1) % shard_size == 0 or i + 1 == len(dataset):
-            fn = os.path.join(path, f"shard-{i // shard_size:05d}.safetensors")
-            save_file(tensors, fn + ".tmp")
-            os.replace(fn + ".tmp", fn)
-            tensors = {}
+    n, index = len(dataset), []
+    shards = [(lo, min(n, lo + shard_size)) for lo in range(0, n, shard_size)]
+    done = {k: finished_shard(shard_file(path, k), lo, hi) for k, (lo, hi) in enumerate(shards)}
+    done = {k: entries for k, entries in done.items() if entries is not None}
+    if done:
+        print(f"cache: {len(done)} of {len(shards)} shards of {path} already encoded, resuming")
+    pbar = tqdm(total=n, initial=sum(len(e) for e in done.values()), desc="cache", disable=n < 100)
+    for k, (lo, hi) in enumerate(shards):
+        if k in done:
+            index += done[k]
+            continue
+        tensors, entries = {}, []
+        for i in range(lo, hi):
+            s = dataset[i]
+            zs = [encode_image(pack.image_to_tensor(im)[None])[0] for im in [s["output_image"]] + s["input_images"]]
+            prompts = [s["instruction"]] + ([null_prompt] if null_prompt is not None else [])
+            emb, mask = encode_text(prompts, [s["input_images"]] * len(prompts))
+            tensors[f"{i}.target"] = zs[0].float().contiguous()  # [C, h, w]
+            for r, z in enumerate(zs[1:]):
+                tensors[f"{i}.ref{r}"] = z.float().contiguous()  # [C, h_k, w_k]
+            tensors[f"{i}.txt"] = emb[0][mask[0].bool()].float().contiguous()  # [L, D], real tokens only
+            if null_prompt is not None:
+                tensors[f"{i}.neg"] = emb[1][mask[1].bool()].float().contiguous()
+            entries.append(dict(shard=k, refs=len(zs) - 1, neg=null_prompt is not None,
+                                instruction=s["instruction"], scene=s["scene"]))
+            pbar.update(1)
+        fn = shard_file(path, k)
+        save_file(tensors, fn + ".tmp", metadata={"items": f"{lo}:{hi}", "index": json.dumps(entries)})
+        os.replace(fn + ".tmp", fn)
+        index += entries
+    pbar.close()
     with open(os.path.join(path, "index.json.tmp"), "w") as f:
         json.dump(index, f)
     os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
 
 
+def shard_file(path, k):
+    return os.path.join(path, f"shard-{k:05d}.safetensors")
+
+
+def finished_shard(fn, lo, hi):
+    """The index entries of a shard an earlier build finished, if fn is one holding exactly items lo..hi-1 (its
+    header readable, every item's tensors present); else None (missing, truncated, another shard size)."""
+    try:
+        with safe_open(fn, framework="pt") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+        entries = json.loads(meta["index"])
+    except Exception:  # no file, a torn write, a shard of an older format: encode it again
+        return None
+    if meta.get("items") != f"{lo}:{hi}" or len(entries) != hi - lo:
+        return None
+    if not all(item_keys(i, e) <= keys for i, e in zip(range(lo, hi), entries)):
+        return None
+    return entries
+
+
+def item_keys(i, e):
+    """The tensor names of cached item i with index entry e."""
+    refs = {f"{i}.ref{r}" for r in range(e["refs"])}
+    return {f"{i}.target", f"{i}.txt"} | refs | ({f"{i}.neg"} if e.get("neg") else set())
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """A cache written by cache_latents, item i: dict(target [C, h, w], refs [[C, h_k, w_k]], txt [L, D],
-    instruction, scene)."""
+    instruction, scene). Every shard's header is read up front: a missing, truncated or incomplete shard is a
+    ValueError naming the file and the command that rebuilds it (only that shard is encoded again)."""
 
     def __init__(self, path):
         self.path, self.files = path, {}
-        with open(os.path.join(path, "index.json")) as f:
-            self.index = json.load(f)
+        index_file = os.path.join(path, "index.json")
+        try:
+            with open(index_file) as f:
+                self.index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"latent cache index {index_file} is unreadable ({' '.join(str(e).split())}); rebuild "
+                             f"it: rm {index_file} and run the same command again") from None
+        keys = {}
+        for i, e in enumerate(self.index):
+            keys.setdefault(e["shard"], set()).update(item_keys(i, e))
+        for k, need in keys.items():
+            fn = shard_file(path, k)
+            try:
+                self.files[k] = safe_open(fn, framework="pt")
+                missing = need - set(self.files[k].keys())
+                problem = f"{len(missing)} of its tensors missing" if missing else ""
+            except Exception as e:
+                problem = " ".join(str(e).split())
+            if problem:
+                raise ValueError(f"latent cache shard {fn} is corrupt ({problem}); rebuild it: rm {fn} {index_file} "
+                                 f"and run the same command again")
 
     def __getstate__(self):  # open shard handles do not travel to DataLoader workers
         return dict(self.__dict__, files={})
@@ -637,8 +699,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def _file(self, i):
         e = self.index[i]
         if e["shard"] not in self.files:
-            fn = os.path.join(self.path, f"shard-{e['shard']:05d}.safetensors")
-            self.files[e["shard"]] = safe_open(fn, framework="pt")
+            self.files[e["shard"]] = safe_open(shard_file(self.path, e["shard"]), framework="pt")
         return e, self.files[e["shard"]]
 
     def length(self, i):
@@ -677,85 +738,16 @@ def toy_crops(seed=TRAIN_SEED, crop=64, budget=TOY_BUDGET):
     return batch
 
 
-def train_bpe(texts, vocab_size, special_tokens=TE.ADDED_TOKENS):
-    """A tiny byte-level BPE trainer for the toy world. Pre-tokenize like the tokenizer, start from the 256 byte
-    characters (ids = byte values), merge the most frequent adjacent pair (ties: the smallest pair) until the vocab
-    plus the special tokens reaches vocab_size. Returns (vocab with the special tokens last, merges)."""
-    byte_char = TE.bytes_to_unicode()
-    cut = re.compile("|".join(map(re.escape, special_tokens))) if special_tokens else None
-    words = Counter()
-    for text in texts:
-        for piece in cut.split(text) if cut else [text]:
-            for w in TE.split_regex().findall(unicodedata.normalize("NFC", piece)):
-                words[tuple(byte_char[b] for b in w.encode("utf-8"))] += 1
-    vocab = {c: b for b, c in byte_char.items()}
-    merges = []
-    while len(vocab) + len(special_tokens) < vocab_size:
-        pairs = Counter()
-        for w, n in words.items():
-            for p in zip(w, w[1:]):
-                pairs[p] += n
-        if not pairs:
-            break  # every word is a single token: the corpus has nothing left to merge
-        a, b = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append((a, b))
-        vocab.setdefault(a + b, len(vocab))
-        words = Counter({_merge(w, a, b): n for w, n in words.items()})
-    for t in special_tokens:
-        vocab[t] = len(vocab)
-    return vocab, merges
-
-
-def _merge(word, a, b):  # every (a, b) in the symbol tuple → a+b, left to right
-    out = []
-    for s in word:
-        if out and out[-1] == a and s == b:
-            out[-1] = a + b
-        else:
-            out.append(s)
-    return tuple(out)
-
-
-def fit_vae(vae, batches, steps=1600, lr=1e-3, batch=16, kl_weight=1e-6, seed=0, progress=True):
-    """Train `vae` in place: L1 + MSE reconstruction of decoded posterior samples + kl_weight * KL(q || N(0, I)).
-    batches: a callable batch_size -> images [B, 3, H, W] in [-1, 1], or an iterable of such batches.
-    Afterwards sets cfg.latents_mean/std from the posterior means of 8 fresh batches, and returns metrics
-    (last-step losses, PSNR in dB of the posterior-mean reconstruction of one fresh batch)."""
-    it, w = (None if callable(batches) else itertools.cycle(batches)), vae.quant_conv.weight
-    next_batch = lambda: (batches(batch) if it is None else next(it)).to(w.device, w.dtype)  # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train()
-    bar = tqdm(range(steps), desc="fit_vae", disable=not progress)
-    for _ in bar:
-        x = next_batch()
-        mean, logvar = vae.posterior(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean)
-        rec = vae.decoder(vae.post_quant_conv(z))  # [B, 3, H, W], unclamped so gradients flow everywhere
-        l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = l1 + mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(l1=f"{l1.item():.4f}", mse=f"{mse.item():.4f}", kl=f"{kl.item():.1f}")
-    vae.eval()
-    z = torch.cat([vae.encode(next_batch()) for _ in range(8)])  # [8B, z, h, w]
-    vae.cfg.latents_mean = z.float().mean(dim=(0, 2, 3)).tolist()
-    vae.cfg.latents_std = z.float().std(dim=(0, 2, 3)).tolist()
-    x = next_batch()
-    mse_eval = (vae.decode(vae.encode(x)) - x).float().pow(2).mean().item()
-    psnr = 10 * math.log10(4.0 / max(mse_eval, 1e-12))  # peak-to-peak range of [-1, 1] is 2
-    return {"steps": steps, "l1": l1.item(), "mse": mse.item(), "kl": kl.item(), "psnr": psnr}
-
-
 def build_toy_assets(root, vae_steps=1600, vocab_size=512, seed=0):
     """Write ROOT/{tokenizer,processor,text_encoder,vae,scheduler}/ and model_index.json: a byte-level BPE trained
     on the toy instructions, a random frozen tiny Qwen2.5-VL (its features carry the tokens and images), and a
     narrow VAE fitted on toy crops (L1 + MSE + small KL). The denoiser is trained on top by train_fm.py."""
+    import text_encoder as TE
+    import vae as V
+
     torch.manual_seed(seed)
     corpus = instruction_corpus(3000, seed) + [" ", "Combine the reference images to generate the final result."]
-    vocab, merges = train_bpe(corpus, vocab_size)
+    vocab, merges = TE.train_bpe(corpus, vocab_size)
     TE.save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
     tok = TE.Tokenizer.from_folder(os.path.join(root, "tokenizer"))
     te = TE.TextEncoder(TE.toy_config(tok), tok)
@@ -763,8 +755,8 @@ def build_toy_assets(root, vae_steps=1600, vocab_size=512, seed=0):
     TE.save_text_encoder(te, root)
     torch.manual_seed(seed)
     vae = V.VAE(V.VAEConfig.toy())
-    fit_vae(vae, toy_crops(seed), steps=vae_steps, lr=1e-3, seed=seed)  # 22.2 dB after 1,600 steps
-    metrics = fit_vae(vae, toy_crops(seed + 1), steps=vae_steps * 9 // 32, lr=5e-4, seed=seed + 1)  # 23.8 dB after 450 more
+    V.fit_vae(vae, toy_crops(seed), steps=vae_steps, lr=1e-3, seed=seed)  # 22.2 dB after 1,600 steps
+    metrics = V.fit_vae(vae, toy_crops(seed + 1), steps=vae_steps * 9 // 32, lr=5e-4, seed=seed + 1)  # 23.8 dB after 450 more
     V.save_vae(vae, os.path.join(root, "vae"))
     sched = dict(_class_name="FlowMatchEulerDiscreteScheduler", base_image_seq_len=256, base_shift=0.5,
                  max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,

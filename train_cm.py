@@ -141,6 +141,7 @@ class Config:
     grad_ckpt: bool = False
     log_every: int = 10
     save_every: int = 500
+    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
     eval_every: int = 1500
     eval_cases: int = 16  # ToyCom validation cases at each eval (toy data only)
     eval_steps: int = 4
@@ -154,10 +155,6 @@ class Config:
 
 
 def main(cfg):
-    if cfg.guidance_from not in ("teacher", "ema"):
-        raise SystemExit(f"error: --guidance_from must be teacher or ema, not {cfg.guidance_from!r}")
-    if not os.path.isfile(os.path.join(cfg.init, "config.json")):
-        raise SystemExit(f"error: --init {cfg.init} is not a transformer folder (no config.json)")
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
     model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
@@ -181,49 +178,59 @@ def main(cfg):
               f"{cfg.batch}, tangent_norm={cfg.tangent_norm}, guidance={cfg.guidance} from {cfg.guidance_from}")
     pbar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="cm")
     t_last, logged = time.time(), step
-    while step < cfg.steps:
-        lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
-        loss_sum = tnorm_sum = 0.0
-        for m in range(accum):
-            items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
-            x, shapes, txt, txt_mask, neg, neg_mask = T.make_batch(items, 0.0, g, device, with_neg=True)
-            t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
-            noise = torch.randn(x.shape, generator=g).to(device)
-            tgt = target_rows(shapes, x.shape[1], device)[..., None]
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                guide = teacher if cfg.guidance_from == "teacher" else ema
-                target, tnorm = cm_target(T.unwrap(dmodel), x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide,
-                                          neg, neg_mask)
-                with T.no_sync(dmodel, last=m == accum - 1):
-                    v = dmodel(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t)
-                    loss = regression_loss(v, target, tgt, cfg.cos_loss)
-                    (loss / accum).backward()
-            loss_sum += loss.item() / accum
-            tnorm_sum += tnorm / accum
-        loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
-        if not math.isfinite(loss_avg):
-            raise SystemExit(f"error: loss is {loss_avg} at step {step}; stopped. Last good checkpoint: "
-                             f"{T.latest_checkpoint(cfg.out)}")
-        gnorm = torch.nn.utils.clip_grad_norm_(dmodel.parameters(), cfg.grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        T.ema_update(ema, dmodel, cfg.ema)
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t_last
-            meter.log(step=step, loss=loss_avg, lr=lr, grad_norm=round(gnorm, 4), tangent_norm=round(tnorm_sum, 4),
-                      samples_per_s=round((step - logged) * cfg.batch / dt, 2))
-            pbar.set_postfix(loss=f"{loss_avg:.4f}", T=f"{tnorm_sum:.2f}", gn=f"{gnorm:.2f}")
-            t_last, logged = time.time(), step
-        pbar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank)
-            T.export(cfg.out, dmodel, ema, "cm", rank)
-        if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-            T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "fewstep")
+    with T.preemption_guard() as caught:
+        while step < cfg.steps:
+            lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+            loss_sum = tnorm_sum = 0.0
+            for m in range(accum):
+                items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+                x, shapes, txt, txt_mask, neg, neg_mask = T.make_batch(items, 0.0, g, device, with_neg=True)
+                t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
+                noise = torch.randn(x.shape, generator=g).to(device)
+                tgt = target_rows(shapes, x.shape[1], device)[..., None]
+                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                    guide = teacher if cfg.guidance_from == "teacher" else ema
+                    target, tnorm = cm_target(T.unwrap(dmodel), x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide,
+                                              neg, neg_mask)
+                    with T.no_sync(dmodel, last=m == accum - 1):
+                        v = dmodel(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t)
+                        loss = regression_loss(v, target, tgt, cfg.cos_loss)
+                        (loss / accum).backward()
+                loss_sum += loss.item() / accum
+                tnorm_sum += tnorm / accum
+            loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
+            if not math.isfinite(loss_avg):
+                raise SystemExit(f"error: loss is {loss_avg} at step {step}; stopped. Last good checkpoint: "
+                                 f"{T.latest_checkpoint(cfg.out)}")
+            gnorm = torch.nn.utils.clip_grad_norm_(dmodel.parameters(), cfg.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            T.ema_update(ema, dmodel, cfg.ema)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.time() - t_last
+                meter.log(step=step, loss=loss_avg, lr=lr, grad_norm=round(gnorm, 4), tangent_norm=round(tnorm_sum, 4),
+                          samples_per_s=round((step - logged) * cfg.batch / dt, 2))
+                pbar.set_postfix(loss=f"{loss_avg:.4f}", T=f"{tnorm_sum:.2f}", gn=f"{gnorm:.2f}")
+                t_last, logged = time.time(), step
+            pbar.update(1)
+            saving = step % cfg.save_every == 0 or step == cfg.steps
+            stop = T.preempted(caught, device)  # SIGTERM / SIGUSR1 on any rank: checkpoint this step and stop
+            if saving or stop:
+                T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank, cfg.keep_ckpts)
+            if saving:
+                T.export(cfg.out, dmodel, ema, "cm", rank)
+            if stop:
+                pbar.close()
+                T.report_preemption(cfg.out, step, caught, rank)
+                break
+            if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and \
+                    (step % cfg.eval_every == 0 or step == cfg.steps):
+                T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
+                           "fewstep")
     pbar.close()
     T.check_ranks_agree(dmodel, rank)
     T.cleanup_dist()

@@ -11,20 +11,34 @@ Checkpoint layout under OUT/:
     transformer/, ema_transformer/                                  (official layout: load_mmdit, diffusers)
 A step folder is written completely before `latest` is switched to it (temp file + rename), so a run killed
 mid-write leaves the previous checkpoint loadable.
+
+Failing fast and recovering (the same for the three trainers):
+  - check_config: every flag and path checked before any process group, model or cache: one `error:` line;
+  - the last --keep_ckpts checkpoints stay; --resume true verifies them newest first and falls back past a
+    damaged one with a one-line warning (resume);
+  - SIGTERM / SIGUSR1: the step finishes, a checkpoint is written, exit 0; every rank stops after the same
+    step (preemption_guard, preempted);
+  - the latent cache: a killed build resumes at its first unfinished shard, a corrupt shard is one line naming
+    the file and how to rebuild it (build_cache, data.cache_latents).
 """
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import sys
 import time
 from dataclasses import fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data as D
@@ -48,6 +62,96 @@ def parse_config(cls, argv=None, doc=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+# what check_config knows of each trainer's flags; a flag a Config does not have is skipped
+POSITIVE = ("steps", "batch", "micro_batch", "n_data", "budget", "lr", "lr_fake", "grad_clip", "log_every",
+            "save_every", "keep_ckpts", "fake_updates", "max_gen_steps", "fd_eps", "tangent_c", "logit_std")
+NON_NEGATIVE = ("lr_min", "warmup", "weight_decay", "eval_cases", "lora_rank", "fake_lora_rank", "guidance")
+UNIT = ("ema", "cond_drop")  # in [0, 1]
+CHOICES = {"preset": M.PRESETS, "guidance_from": ("teacher", "ema"), "weighting": ("official", "paper")}
+TRANSFORMERS = ("init", "init2", "teacher")  # transformer folders (config.json + weights); empty: not used
+ASSET_FOLDERS = ("vae", "text_encoder", "tokenizer", "processor")  # what the latent cache's encoders read
+
+
+def check_config(cfg):
+    """Every flag and path, before anything is built or written: SystemExit("error: …") naming the flag,
+    one line (printed by rank 0 alone under torchrun), exit code 1."""
+    problem = config_problem(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if problem:
+        raise SystemExit(f"error: {problem}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+def config_problem(cfg, world):
+    """The first problem with cfg as a one-line string, or None."""
+    has = lambda name: hasattr(cfg, name)
+    for name in POSITIVE:
+        if has(name) and not getattr(cfg, name) > 0:  # `not >` also catches nan
+            return f"--{name} must be > 0, got {getattr(cfg, name)}"
+    for name in NON_NEGATIVE:
+        if has(name) and not getattr(cfg, name) >= 0:
+            return f"--{name} must be >= 0, got {getattr(cfg, name)}"
+    for name in UNIT:
+        if has(name) and not 0 <= getattr(cfg, name) <= 1:
+            return f"--{name} must be in [0, 1], got {getattr(cfg, name)}"
+    if has("eval_cases") and cfg.eval_cases:
+        for name in ("eval_every", "eval_steps"):
+            if not getattr(cfg, name) > 0:
+                return f"--{name} must be > 0 while --eval_cases is {cfg.eval_cases} (0 turns evaluation off)"
+    for name, allowed in CHOICES.items():
+        if has(name) and getattr(cfg, name) not in allowed:
+            return f"--{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}"
+    if cfg.batch % world or cfg.batch // world % cfg.micro_batch:
+        return (f"--batch {cfg.batch} must split into {world} process(es) × a multiple of --micro_batch "
+                f"{cfg.micro_batch}")
+    for name in (n for n in TRANSFORMERS if has(n)):
+        path = getattr(cfg, name)
+        required = name == "teacher" or (name == "init" and not has("preset"))  # FM can start from scratch
+        if path or required:
+            problem = folder_problem(path)
+            if problem:
+                return f"--{name} {path!r} is not a transformer folder ({problem})"
+    if not os.path.isdir(cfg.assets):
+        return f"--assets {cfg.assets!r} is not a folder"
+    for sub in ASSET_FOLDERS:
+        if not os.path.isdir(os.path.join(cfg.assets, sub)):
+            return f"--assets {cfg.assets!r} has no {sub}/ folder (needs {', '.join(ASSET_FOLDERS)})"
+    problem = data_problem(cfg.data, cfg.budget)
+    if problem:
+        return problem
+    for name in ("out", "cache"):
+        if os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
+            return f"--{name} {getattr(cfg, name)!r} exists and is not a folder"
+    return None
+
+
+def folder_problem(path):
+    """Why `path` is not a folder with a readable config.json, or None."""
+    if not os.path.isdir(path):
+        return "no such folder"
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"config.json: {one_line(e)}"
+    return None
+
+
+def data_problem(data, budget):
+    """Why --data is unusable, or None: "toy" / "toy:LAYOUT", or a jsonl with at least one usable line (read up
+    to the image headers; the bad lines' numbers are reported as the loader does)."""
+    try:
+        if D.toy_world_config(data):
+            return None
+    except ValueError as e:  # an unknown toy layout: the message names --data
+        return one_line(e)
+    if not os.path.isfile(data):
+        return f"--data {data}: no such file (give a jsonl of triplets, or toy / toy:LAYOUT)"
+    try:
+        D.JsonlDataset(data, budget=budget, verify=False)
+    except (OSError, ValueError) as e:
+        return f"--data {data}: {one_line(e).removeprefix(data + ': ')}"
+    return None
+
+
 # -----------------------------------------------------------------------------
 # processes: one plain process, or torchrun (DDP / FSDP2)
 
@@ -66,14 +170,17 @@ def setup_dist():
 
 
 def start_run(cfg):
-    """What every trainer does first: processes, seeds, the output folder, the batch split and the latent cache.
-    Returns (rank, world, device, per-rank batch, accumulation steps, dataset, each sample's row count)."""
+    """What every trainer does first: every flag checked (check_config), then processes, seeds, the output folder,
+    the batch split and the latent cache. Returns (rank, world, device, per-rank batch, accumulation steps,
+    dataset, each sample's row count)."""
+    check_config(cfg)
     rank, world, device = setup_dist()
     torch.manual_seed(cfg.seed + rank)
     per_rank = cfg.batch // world
-    if cfg.batch % world or per_rank % cfg.micro_batch:
-        raise SystemExit(f"error: batch {cfg.batch} must split into {world} processes × micro_batch {cfg.micro_batch}")
     os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0 and not cfg.resume and checkpoints(cfg.out):
+        print(f"warning: {cfg.out} holds checkpoints of an earlier run; without --resume true this run starts at "
+              f"step 0 and replaces them as it saves", file=sys.stderr)
     dataset = build_cache(cfg, rank, world)
     lengths = [d.length(i) for d in dataset.datasets for i in range(len(d))]  # rows per sample, for batch_indices
     return rank, world, device, per_rank, per_rank // cfg.micro_batch, dataset, lengths
@@ -117,8 +224,6 @@ def unwrap(model):
 
 def no_sync(model, last):
     """Gradient sync only on the last micro-step of an accumulation (DDP `no_sync`, FSDP2 flag)."""
-    import contextlib
-
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
@@ -160,6 +265,42 @@ def mean_over_ranks(x):
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+# -----------------------------------------------------------------------------
+# preemption: a cluster scheduler sends SIGTERM (SLURM can send SIGUSR1 ahead of time) before it kills the job
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def preemption_guard():
+    """Around the training loop: SIGTERM / SIGUSR1 only append their name to the yielded list, so the loop can
+    finish its step, checkpoint and exit 0 (see `preempted`). The previous handlers come back afterwards."""
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signal.Signals(signum).name))
+           for s in PREEMPT_SIGNALS}
+    try:
+        yield caught
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def preempted(caught, device):
+    """Called once a step by every rank: True on all ranks if any of them caught a signal (one all_reduce of a
+    flag), so all stop after the same step, whichever process the scheduler signalled."""
+    flag = torch.tensor([float(len(caught) > 0)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def report_preemption(out, step, caught, rank):
+    if rank == 0:
+        why = caught[0] if caught else "a signal to another process"
+        print(f"stopped by {why} after step {step}: checkpoint {os.path.join(out, 'ckpt', f'step_{step:06d}')}; "
+              f"continue with --resume true", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -219,7 +360,8 @@ def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
 def build_cache(cfg, rank, world):
     """Each process encodes its share (i ≡ rank mod world) into cache/<fingerprint>/part{rank}of{world}; returns the
     full dataset. The fingerprint covers the data, its size, the world version and the encoder files, so a changed
-    VAE is never reused; a complete cache written by any number of processes is reused as it is."""
+    VAE is never reused; a complete cache written by any number of processes is reused as it is. A killed build
+    resumes at its first unfinished shard (D.cache_latents); a corrupt shard stops the run with one line."""
     files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder") for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
     key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, D.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
     root = os.path.join(cfg.cache, hashlib.sha1(key.encode()).hexdigest()[:12])
@@ -243,10 +385,13 @@ def build_cache(cfg, rank, world):
         # references arrive jointly resized already (pixel_budget=None: only the 28/32 copy for the encoder);
         # the posterior mean is cached (the official trainers draw a VAE sample each time)
         D.cache_latents(shard, lambda x: vae.normalize(vae.encode(x)), lambda p, ims: te.encode(p, ims, pixel_budget=None),
-                        parts[rank], null_prompt=" ")
+                        parts[rank], shard_size=D.CACHE_SHARD, null_prompt=" ")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return torch.utils.data.ConcatDataset([D.LatentDataset(p) for p in parts])
+    try:
+        return torch.utils.data.ConcatDataset([D.LatentDataset(p) for p in parts])
+    except ValueError as e:  # a corrupt shard: one line naming it and how to rebuild it
+        raise SystemExit(f"error: {e}" if rank == 0 else 1) from None
 
 
 @functools.lru_cache(maxsize=2)
@@ -339,6 +484,17 @@ def rng_state(generator=None):
     return state
 
 
+def rank_rng_states(generator=None):
+    """[torch RNG state, generator state] of every rank (gathered: collective under torchrun), so that each rank
+    gets its own noise stream back on resume."""
+    mine = [torch.get_rng_state()] + ([generator.get_state()] if generator is not None else [])
+    if not dist.is_initialized():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
 def trainable_state(model):
     """The weights an optimiser changes (all of a full model; only the adapters of a LoRA model whose base is shared
     with a frozen teacher): what a checkpoint must hold to resume it."""
@@ -347,36 +503,44 @@ def trainable_state(model):
     return {k: v for k, v in full.items() if k in train} if train != set(full) else full
 
 
-def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=1, extra=None):
+def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=2, extra=None):
     """Everything needed to resume exactly; `info` is a json-able dict (data position, config, …).
     extra: {name: (model, optimizer)} for further trained networks (DMD's fake score), saved in the same step
-    folder as NAME.safetensors and NAME_optim.safetensors, so the switch of `latest` covers them all at once."""
+    folder as NAME.safetensors and NAME_optim.safetensors, so the switch of `latest` covers them all at once.
+    state.json records every tensor's shape (what resume verifies). The `keep` newest step folders up to this
+    step stay; newer ones belong to an abandoned run (restarted, or resumed from before them) and go."""
     msd, osd = full_state_dict(model), _optimizer_state(model, opt)  # collective under FSDP2: all ranks call
     extra_sd = {n: (trainable_state(m), _optimizer_state(m, o)) for n, (m, o) in (extra or {}).items()}
+    rngs = rank_rng_states(generator)  # collective
     if rank != 0:
         return
+    files = {"model.safetensors": msd}
+    if ema is not None:
+        files["ema.safetensors"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
+    extra_meta = {}
+    for n, (sd, esd) in extra_sd.items():
+        files[f"{n}.safetensors"] = sd
+        files[f"{n}_optim.safetensors"], extra_meta[n] = _flatten_optimizer(esd)
+    otensors, ometa = _flatten_optimizer(osd)
+    for r, states in enumerate(rngs):
+        otensors[f"rng.torch.{r}"] = states[0]
+        if len(states) > 1:
+            otensors[f"rng.generator.{r}"] = states[1]
+    files["optim.safetensors"] = otensors
+
     root = os.path.join(out, "ckpt")
     name = f"step_{step:06d}"
     tmp = os.path.join(root, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
-    extra_meta = {}
-    for n, (sd, esd) in extra_sd.items():
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{n}.safetensors"))
-        etensors, extra_meta[n] = _flatten_optimizer(esd)
-        save_file(etensors, os.path.join(tmp, f"{n}_optim.safetensors"))
-    otensors, ometa = _flatten_optimizer(osd)
-    rng = rng_state(generator)
-    for k in ("torch", "generator"):
-        if k in rng:
-            otensors[f"rng.{k}"] = rng.pop(k)
-    save_file(otensors, os.path.join(tmp, "optim.safetensors"))
-    np_state = rng["numpy"]
-    state = {"step": step, "info": info, "optimizer": ometa, "extra": extra_meta,
-             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "rng_python": _jsonable(rng["python"])}
+    for fn, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, fn))
+    random_state = rng_state()
+    np_state = random_state["numpy"]
+    state = {"step": step, "info": info, "optimizer": ometa, "extra": extra_meta, "world": len(rngs),
+             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "rng_python": _jsonable(random_state["python"]),
+             "tensors": {fn: {k: list(v.shape) for k, v in tensors.items()} for fn, tensors in files.items()}}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
@@ -384,13 +548,25 @@ def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, ke
     with open(os.path.join(root, "latest.tmp"), "w") as f:
         f.write(name)
     os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))  # the switch is atomic
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-    for d in done[:-keep]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    older = [c for c in checkpoints(out) if checkpoint_step(c) <= step]
+    newer = [c for c in checkpoints(out) if checkpoint_step(c) > step]
+    for c in newer + older[keep:]:
+        shutil.rmtree(c, ignore_errors=True)
 
 
 def _jsonable(x):
     return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def checkpoints(out):
+    """The complete step folders under OUT/ckpt (a step folder appears whole, by rename), newest first."""
+    root = os.path.join(out, "ckpt")
+    names = [d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)] if os.path.isdir(root) else []
+    return sorted((os.path.join(root, d) for d in names), key=checkpoint_step, reverse=True)
+
+
+def checkpoint_step(folder):
+    return int(os.path.basename(folder)[len("step_"):])
 
 
 def latest_checkpoint(out):
@@ -400,9 +576,39 @@ def latest_checkpoint(out):
     return os.path.join(out, "ckpt", open(path).read().strip())
 
 
+STATE_KEYS = ("step", "info", "optimizer", "extra", "rng_numpy", "rng_python")
+
+
+def checkpoint_problem(folder, files):
+    """Why the checkpoint in `folder` cannot be resumed from, in a few words, or None: state.json must be complete
+    and each of `files` present, its safetensors header readable (which also catches a truncated file) and its
+    tensors the names and shapes state.json recorded."""
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"state.json: {one_line(e)}"
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        return f"state.json lacks {', '.join(missing)}"
+    for fn in files:
+        try:
+            with safe_open(os.path.join(folder, fn), framework="pt") as f:
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # missing file, torn header, truncated data
+            return f"{fn}: {one_line(e)}"
+        if fn in state.get("tensors", {}) and shapes != state["tensors"][fn]:
+            return f"{fn}: its tensors are not those state.json records"
+    return None
+
+
+def one_line(e):
+    return " ".join(str(e).split())
+
+
 def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
-    """Restore model, EMA, optimiser, the `extra` {name: (model, optimizer)} and RNG states in place; returns
-    (step, info)."""
+    """Restore model, EMA, optimiser, the `extra` {name: (model, optimizer)} and RNG states in place (each rank
+    its own streams); returns (step, info)."""
     if not os.path.exists(os.path.join(folder, "state.json")):
         raise ValueError(f"{folder} is not a complete checkpoint (no state.json)")
     state = json.load(open(os.path.join(folder, "state.json")))
@@ -429,9 +635,11 @@ def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
         unwrap(m).load_state_dict(sd, strict=False)
         o.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, f"{n}_optim.safetensors")),
                                                state["extra"][n]))
-    torch.set_rng_state(otensors["rng.torch"])
-    if generator is not None and "rng.generator" in otensors:
-        generator.set_state(otensors["rng.generator"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    own = lambda k: otensors.get(f"{k}.{rank}", otensors.get(f"{k}.0", otensors.get(k)))  # older: rank 0's only
+    torch.set_rng_state(own("rng.torch"))
+    if generator is not None and own("rng.generator") is not None:
+        generator.set_state(own("rng.generator"))
     n = state["rng_numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["rng_python"]))
@@ -439,13 +647,43 @@ def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
 
 
 def resume(cfg, model, ema, opt, generator, rank, extra=None):
-    """With --resume true and a checkpoint under cfg.out: restore everything in place; returns the step to go on
-    from (0 for a fresh run)."""
-    if not (cfg.resume and latest_checkpoint(cfg.out)):
+    """With --resume true: restore everything in place from the newest usable checkpoint under cfg.out (each is
+    verified first: an unusable one is named in a warning and the one before it tried); returns the step to go
+    on from (0 when there is no checkpoint). None usable, or one of another model: one error line."""
+    if not cfg.resume:
         return 0
-    step, _ = load_checkpoint(latest_checkpoint(cfg.out), model, ema, opt, generator, extra)
+    found = checkpoints(cfg.out)
+    if not found:
+        if rank == 0:
+            print(f"no checkpoint under {os.path.join(cfg.out, 'ckpt')}: starting at step 0")
+        return 0
+    files = ["model.safetensors", "optim.safetensors"] + (["ema.safetensors"] if ema is not None else [])
+    files += [f"{n}{s}.safetensors" for n in (extra or {}) for s in ("", "_optim")]
+    for folder in found:
+        problem = checkpoint_problem(folder, files)
+        if problem is None:
+            break
+        if rank == 0:
+            print(f"warning: checkpoint {folder} is unusable ({problem}); trying the one before it", file=sys.stderr)
+    else:
+        raise SystemExit(f"error: none of the {len(found)} checkpoints under {os.path.join(cfg.out, 'ckpt')} is "
+                         f"usable; remove them, or run without --resume true to start over" if rank == 0 else 1)
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    live = {k: list(v.shape) for k, v in unwrap(model).state_dict().items()}
+    saved = state.get("tensors", {}).get("model.safetensors", live)
+    if saved != live:
+        diff = sorted(set(live) ^ set(saved)) or [k for k in live if live[k] != saved[k]]
+        raise SystemExit(f"error: checkpoint {folder} holds another model than these flags build ({len(diff)} "
+                         f"tensors differ, e.g. {diff[0]}); resume with the flags it was written with (its "
+                         f"state.json, info.config)" if rank == 0 else 1)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rank == 0 and state.get("world", world) != world:
+        print(f"warning: {folder} was written by {state['world']} process(es), resumed by {world}: the noise "
+              f"streams differ from those of an uninterrupted run", file=sys.stderr)
+    step, _ = load_checkpoint(folder, model, ema, opt, generator, extra)
     if rank == 0:
-        print(f"resumed from step {step}")
+        print(f"resumed from step {step} ({folder})")
     return step
 
 

@@ -137,24 +137,13 @@ class Config:
     bf16: bool = False
     log_every: int = 5
     save_every: int = 100
+    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
     eval_every: int = 200
     eval_cases: int = 16
     eval_steps: int = 4
     eval_cfg: float = 1.0
     seed: int = 0
     resume: bool = False
-
-
-def check(cfg):
-    """Flags and paths, before any expensive work: one line naming the problem."""
-    for name in ("teacher", "init") + (("init2",) if cfg.init2 else ()):
-        path = getattr(cfg, name)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise SystemExit(f"error: --{name} {path} is not a transformer folder (no config.json)")
-    if cfg.weighting not in ("official", "paper"):
-        raise SystemExit(f"error: --weighting must be official or paper, not {cfg.weighting!r}")
-    if cfg.steps < 1 or cfg.fake_updates < 1 or cfg.max_gen_steps < 1 or cfg.lr <= 0 or cfg.lr_fake <= 0:
-        raise SystemExit("error: --steps, --fake_updates, --max_gen_steps must be >= 1 and the lrs > 0")
 
 
 def build_models(cfg, device):
@@ -181,7 +170,6 @@ def build_models(cfg, device):
 
 
 def main(cfg):
-    check(cfg)
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
     student, ema, teacher, fake = build_models(cfg, device)
@@ -212,75 +200,85 @@ def main(cfg):
         t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
         return t.clamp(0.02, 0.98) if cfg.renoise_clamp else t
 
-    while step < cfg.steps:
-        lr = T.lr_at(step, cfg.lr, cfg.lr_min, 0, cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        n_gen = step % cfg.max_gen_steps + 1  # backward simulation: 1, 2, 3, 4, 1, …
-        # 1. the fake score F_φ: flow matching (Eq. 1) on fresh student samples
-        fake_loss = 0.0
-        for _ in range(cfg.fake_updates):
+    with T.preemption_guard() as caught:
+        while step < cfg.steps:
+            lr = T.lr_at(step, cfg.lr, cfg.lr_min, 0, cfg.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            n_gen = step % cfg.max_gen_steps + 1  # backward simulation: 1, 2, 3, 4, 1, …
+            # 1. the fake score F_φ: flow matching (Eq. 1) on fresh student samples
+            fake_loss = 0.0
+            for _ in range(cfg.fake_updates):
+                for m, items in enumerate(next_batch()):
+                    x, shapes, txt, txt_mask = T.make_batch(items, 0.0, g, device)
+                    tgt = target_rows(shapes, x.shape[1], device)[..., None]
+                    with torch.no_grad():
+                        x0 = backward_simulate(T.unwrap(dstudent), torch.randn(x.shape, generator=g).to(device), x, tgt,
+                                               shapes, txt, txt_mask, n_gen, sched, g, grad=False)
+                    t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
+                    with T.no_sync(dfake, last=m == accum - 1):
+                        v = dfake(on_path(x0, eps, tgt, t), shapes, txt, txt_mask, t)
+                        loss = regression_loss(v, ((eps - x0) * tgt).float(), tgt, cfg.fake_cos_loss)
+                        (loss / accum).backward()
+                    fake_loss += loss.item() / accum / cfg.fake_updates
+                torch.nn.utils.clip_grad_norm_(dfake.parameters(), cfg.grad_clip)
+                opt_fake.step()
+                opt_fake.zero_grad(set_to_none=True)
+            # 2. the student: Eq. 13–14 through its last few-step update
+            stats = dict(loss=0.0, g_abs=0.0, x0_mean=0.0, x0_std=0.0)
             for m, items in enumerate(next_batch()):
-                x, shapes, txt, txt_mask = T.make_batch(items, 0.0, g, device)
+                x, shapes, txt, txt_mask, neg, neg_mask = T.make_batch(items, 0.0, g, device, with_neg=True)
                 tgt = target_rows(shapes, x.shape[1], device)[..., None]
-                with torch.no_grad():
-                    x0 = backward_simulate(T.unwrap(dstudent), torch.randn(x.shape, generator=g).to(device), x, tgt,
-                                           shapes, txt, txt_mask, n_gen, sched, g, grad=False)
-                t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
-                with T.no_sync(dfake, last=m == accum - 1):
-                    v = dfake(on_path(x0, eps, tgt, t), shapes, txt, txt_mask, t)
-                    loss = regression_loss(v, ((eps - x0) * tgt).float(), tgt, cfg.fake_cos_loss)
+                with T.no_sync(dstudent, last=m == accum - 1):
+                    x0 = backward_simulate(dstudent, torch.randn(x.shape, generator=g).to(device), x, tgt, shapes, txt,
+                                           txt_mask, n_gen, sched, g)
+                    t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
+                    with torch.no_grad():
+                        xt = on_path(x0.detach(), eps, tgt, t)
+                        with teacher_off(teacher):
+                            v_t = teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t,
+                                                   cfg.teacher_cfg, cfg.cfg_rescale)
+                        v_f = T.unwrap(dfake)(xt, shapes, txt, txt_mask, t)
+                        grad = dmd_grad(v_t, v_f, t, x0.detach(), eps, cfg.weighting) * tgt
+                    loss = dmd_loss(x0, grad, tgt)
                     (loss / accum).backward()
-                fake_loss += loss.item() / accum / cfg.fake_updates
-            torch.nn.utils.clip_grad_norm_(dfake.parameters(), cfg.grad_clip)
-            opt_fake.step()
-            opt_fake.zero_grad(set_to_none=True)
-        # 2. the student: Eq. 13–14 through its last few-step update
-        stats = dict(loss=0.0, g_abs=0.0, x0_mean=0.0, x0_std=0.0)
-        for m, items in enumerate(next_batch()):
-            x, shapes, txt, txt_mask, neg, neg_mask = T.make_batch(items, 0.0, g, device, with_neg=True)
-            tgt = target_rows(shapes, x.shape[1], device)[..., None]
-            with T.no_sync(dstudent, last=m == accum - 1):
-                x0 = backward_simulate(dstudent, torch.randn(x.shape, generator=g).to(device), x, tgt, shapes, txt,
-                                       txt_mask, n_gen, sched, g)
-                t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
-                with torch.no_grad():
-                    xt = on_path(x0.detach(), eps, tgt, t)
-                    with teacher_off(teacher):
-                        v_t = teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t, cfg.teacher_cfg,
-                                               cfg.cfg_rescale)
-                    v_f = T.unwrap(dfake)(xt, shapes, txt, txt_mask, t)
-                    grad = dmd_grad(v_t, v_f, t, x0.detach(), eps, cfg.weighting) * tgt
-                loss = dmd_loss(x0, grad, tgt)
-                (loss / accum).backward()
-            real = x0.detach()[tgt.expand_as(x0)]
-            for k, v in (("loss", loss.item()), ("g_abs", grad[tgt.expand_as(grad)].abs().mean().item()),
-                         ("x0_mean", real.mean().item()), ("x0_std", real.std().item())):
-                stats[k] += v / accum
-        loss_avg = T.mean_over_ranks(torch.tensor(stats["loss"])).item()
-        if not math.isfinite(loss_avg) or not math.isfinite(fake_loss):
-            raise SystemExit(f"error: loss is {loss_avg} (fake {fake_loss}) at step {step}; stopped. Last good "
-                             f"checkpoint: {T.latest_checkpoint(cfg.out)}")
-        gnorm = torch.nn.utils.clip_grad_norm_(dstudent.parameters(), cfg.grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        opt_fake.zero_grad(set_to_none=True)  # the student's pass must leave nothing in the fake score's grads
-        T.ema_update(ema, dstudent, cfg.ema)
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t_last
-            meter.log(step=step, loss=loss_avg, fake_loss=round(fake_loss, 5), lr=lr, grad_norm=round(gnorm, 4),
-                      n_gen=n_gen, **{k: round(v, 4) for k, v in stats.items() if k != "loss"},
-                      steps_per_min=round((step - logged) * 60 / dt, 2))
-            pbar.set_postfix(loss=f"{loss_avg:.4f}", fake=f"{fake_loss:.3f}", x0_std=f"{stats['x0_std']:.2f}")
-            t_last, logged = time.time(), step
-        pbar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            T.save_checkpoint(cfg.out, step, dstudent, ema, opt, {"config": asdict(cfg)}, g, rank,
-                              extra={"fake": (dfake, opt_fake)})
-            T.export(cfg.out, dstudent, ema, "dmd", rank)
-        if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-            T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "fewstep")
+                real = x0.detach()[tgt.expand_as(x0)]
+                for k, v in (("loss", loss.item()), ("g_abs", grad[tgt.expand_as(grad)].abs().mean().item()),
+                             ("x0_mean", real.mean().item()), ("x0_std", real.std().item())):
+                    stats[k] += v / accum
+            loss_avg = T.mean_over_ranks(torch.tensor(stats["loss"])).item()
+            if not math.isfinite(loss_avg) or not math.isfinite(fake_loss):
+                raise SystemExit(f"error: loss is {loss_avg} (fake {fake_loss}) at step {step}; stopped. Last good "
+                                 f"checkpoint: {T.latest_checkpoint(cfg.out)}")
+            gnorm = torch.nn.utils.clip_grad_norm_(dstudent.parameters(), cfg.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            opt_fake.zero_grad(set_to_none=True)  # the student's pass must leave nothing in the fake score's grads
+            T.ema_update(ema, dstudent, cfg.ema)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.time() - t_last
+                meter.log(step=step, loss=loss_avg, fake_loss=round(fake_loss, 5), lr=lr, grad_norm=round(gnorm, 4),
+                          n_gen=n_gen, **{k: round(v, 4) for k, v in stats.items() if k != "loss"},
+                          steps_per_min=round((step - logged) * 60 / dt, 2))
+                pbar.set_postfix(loss=f"{loss_avg:.4f}", fake=f"{fake_loss:.3f}", x0_std=f"{stats['x0_std']:.2f}")
+                t_last, logged = time.time(), step
+            pbar.update(1)
+            saving = step % cfg.save_every == 0 or step == cfg.steps
+            stop = T.preempted(caught, device)  # SIGTERM / SIGUSR1 on any rank: checkpoint this step and stop
+            if saving or stop:
+                T.save_checkpoint(cfg.out, step, dstudent, ema, opt, {"config": asdict(cfg)}, g, rank, cfg.keep_ckpts,
+                                  extra={"fake": (dfake, opt_fake)})
+            if saving:
+                T.export(cfg.out, dstudent, ema, "dmd", rank)
+            if stop:
+                pbar.close()
+                T.report_preemption(cfg.out, step, caught, rank)
+                break
+            if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and \
+                    (step % cfg.eval_every == 0 or step == cfg.steps):
+                T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
+                           "fewstep")
     pbar.close()
     T.check_ranks_agree(dstudent, rank)
     T.cleanup_dist()

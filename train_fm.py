@@ -13,7 +13,9 @@ Single-image editing and multi-image composition are the same problem here; the 
 
 Data: the toy world (default) or an official jsonl; either is encoded once (VAE latents + condition
 embeddings of the instruction and of the null prompt " " with the same images) into a safetensors cache.
-Every flag is a field of Config below.
+Every flag is a field of Config below. A bad flag or path stops the run with one `error:` line before any work;
+SIGTERM / SIGUSR1 finish the step, write a checkpoint and exit 0, and --resume true continues exactly (the three
+trainers share this: train_common.py).
 """
 import math
 import os
@@ -79,6 +81,7 @@ class Config:
     grad_ckpt: bool = False
     log_every: int = 10
     save_every: int = 500
+    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
     eval_every: int = 4600
     eval_cases: int = 16  # ToyCom validation cases sampled at each eval (toy data only; never the bench)
     eval_steps: int = 20
@@ -120,51 +123,63 @@ def main(cfg):
               f"batch {cfg.batch} = {world} × {accum} × {cfg.micro_batch}")
     pbar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="fm")
     t_last, tokens, rows, padded, logged = time.time(), 0, 0, 0, step
-    while step < cfg.steps:
-        lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
-        loss_sum = 0.0
-        for m in range(accum):
-            items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
-            x, shapes, txt, txt_mask = T.make_batch(items, cfg.cond_drop, g, device)
-            t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
-            noise = torch.randn(x.shape, generator=g).to(device)
-            with T.no_sync(dmodel, last=m == accum - 1), torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                loss = fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
-                (loss / accum).backward()
-            loss_sum += loss.item() / accum
-            real = sum(sum(h * w for h, w in hw) for hw in shapes)  # image tokens
-            batch_rows = x.shape[0] * (x.shape[1] + txt.shape[1])  # image + text rows, padding included
-            tokens, rows, padded = tokens + real, rows + batch_rows, padded + batch_rows - real - int(txt_mask.sum())
-        loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
-        if not math.isfinite(loss_avg):
-            last = T.latest_checkpoint(cfg.out)
-            raise SystemExit(f"error: loss is {loss_avg} at step {step}; stopped. Last good checkpoint: {last}")
-        gnorm = torch.nn.utils.clip_grad_norm_(dmodel.parameters(), cfg.grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            T.ema_update(ema, dmodel, T.ema_decay(step, cfg.ema))
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t_last
-            tok_s = T.mean_over_ranks(torch.tensor(float(tokens))).item() * world / dt
-            meter.log(step=step, loss=loss_avg, lr=lr, grad_norm=round(gnorm, 4), tokens_per_s=round(tok_s),
-                      samples_per_s=round((step - logged) * cfg.batch / dt, 2), padded=round(padded / max(1, rows), 3))
-            pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
-            t_last, tokens, rows, padded, logged = time.time(), 0, 0, 0, step
-        pbar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank)
-            if cfg.lora_rank:
-                export_lora(cfg, dmodel, rank)
-            else:
-                T.export(cfg.out, dmodel, ema, "teacher", rank)
-        if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-            T.evaluate(cfg.assets, ema if ema is not None else T.unwrap(dmodel), cfg.out, step, meter, cfg.eval_cases,
-                       cfg.eval_steps, cfg.eval_cfg, "euler")
+    with T.preemption_guard() as caught:
+        while step < cfg.steps:
+            lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+            loss_sum = 0.0
+            for m in range(accum):
+                items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
+                x, shapes, txt, txt_mask = T.make_batch(items, cfg.cond_drop, g, device)
+                t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
+                noise = torch.randn(x.shape, generator=g).to(device)
+                with T.no_sync(dmodel, last=m == accum - 1), \
+                        torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                    loss = fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
+                    (loss / accum).backward()
+                loss_sum += loss.item() / accum
+                real = sum(sum(h * w for h, w in hw) for hw in shapes)  # image tokens
+                batch_rows = x.shape[0] * (x.shape[1] + txt.shape[1])  # image + text rows, padding included
+                tokens, rows = tokens + real, rows + batch_rows
+                padded += batch_rows - real - int(txt_mask.sum())
+            loss_avg = T.mean_over_ranks(torch.tensor(loss_sum)).item()
+            if not math.isfinite(loss_avg):
+                last = T.latest_checkpoint(cfg.out)
+                raise SystemExit(f"error: loss is {loss_avg} at step {step}; stopped. Last good checkpoint: {last}")
+            gnorm = torch.nn.utils.clip_grad_norm_(dmodel.parameters(), cfg.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                T.ema_update(ema, dmodel, T.ema_decay(step, cfg.ema))
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.time() - t_last
+                tok_s = T.mean_over_ranks(torch.tensor(float(tokens))).item() * world / dt
+                meter.log(step=step, loss=loss_avg, lr=lr, grad_norm=round(gnorm, 4), tokens_per_s=round(tok_s),
+                          samples_per_s=round((step - logged) * cfg.batch / dt, 2),
+                          padded=round(padded / max(1, rows), 3))
+                pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
+                t_last, tokens, rows, padded, logged = time.time(), 0, 0, 0, step
+            pbar.update(1)
+            saving = step % cfg.save_every == 0 or step == cfg.steps
+            stop = T.preempted(caught, device)  # SIGTERM / SIGUSR1 on any rank: checkpoint this step and stop
+            if saving or stop:
+                T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank, cfg.keep_ckpts)
+            if saving:  # the exported folders too (not when preempted: the grace period is short)
+                if cfg.lora_rank:
+                    export_lora(cfg, dmodel, rank)
+                else:
+                    T.export(cfg.out, dmodel, ema, "teacher", rank)
+            if stop:
+                pbar.close()
+                T.report_preemption(cfg.out, step, caught, rank)
+                break
+            if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and \
+                    (step % cfg.eval_every == 0 or step == cfg.steps):
+                T.evaluate(cfg.assets, ema if ema is not None else T.unwrap(dmodel), cfg.out, step, meter,
+                           cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "euler")
     pbar.close()
     T.check_ranks_agree(dmodel, rank)
     T.cleanup_dist()

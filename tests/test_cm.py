@@ -150,7 +150,7 @@ def test_cm_resume_is_bit_identical_and_exports_a_fewstep_checkpoint(tiny_pipeli
 def test_cm_bad_flags_fail_before_any_work(tiny_pipeline, tmp_path):
     with pytest.raises(SystemExit, match="guidance_from"):
         run_cm(tiny_pipeline, str(tmp_path / "x"), guidance_from="nope")
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(SystemExit, match="--init .* is not a transformer folder"):
         run_cm(tiny_pipeline, str(tmp_path / "y"), init=str(tmp_path / "missing"))
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
