@@ -2,17 +2,19 @@
 Speed and memory, measured side by side in one run (targets live here, never in timed tests).
 
     python bench.py                 # MMDiT fwd+bwd: ours vs diffusers at the toy width, same weights and inputs
-    python bench.py --what mmdit --batch 8 --repeats 10
+    python bench.py --batch 8 --repeats 10
 
 Ratios, not absolute times, are what to compare across machines: both sides run interleaved in one process.
 diffusers is a test-only dependency; without it the reference side is skipped.
 """
 import argparse
 import time
+from dataclasses import asdict
 
 import torch
 
 import model as M
+from sample import HelpFormatter
 
 
 def timed(fn, repeats):
@@ -46,8 +48,6 @@ def bench_mmdit(args):
     except ImportError:
         QwenImageTransformer2DModel = None
     if QwenImageTransformer2DModel is not None:
-        from dataclasses import asdict
-
         ref = QwenImageTransformer2DModel(**asdict(cfg))
         ref.load_state_dict(ours.state_dict())
         img_shapes = [[(1, h, w) for h, w in s] for s in shapes]
@@ -73,11 +73,13 @@ def bench_mmdit(args):
         print(f"  speed-up ours vs diffusers: {best['diffusers'] / best['ours']:.2f}×")
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", default="toy", choices=list(M.PRESETS), help="the MMDiT config (model.PRESETS)")
+    p.add_argument("--batch", type=int, default=8, help="samples per step, each a 128² target and two references")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is reported)")
+    bench_mmdit(p.parse_args(argv))
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="mmdit", choices=["mmdit"])
-    p.add_argument("--preset", default="toy", choices=list(M.PRESETS))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-    {"mmdit": bench_mmdit}[args.what](args)
+    main()

@@ -50,10 +50,13 @@ import re
 import time
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 import pack
+import sample
+import vae as V
 from data import (BENCH_SEED, BENCH_WORLD, BOTH_HAND_YS, CATEGORIES, CATS_AT, COLOURS, EDIT_OPS, HAND_Y, HAND_YS, HEADS,
                   POSITIONS, SCALES, SCENES, SHIRTS, SKINS, SUN, SUN_R, TRAIN_SEED, VAL_SEED, ToyWorld, draw_background,
                   draw_scene, hand_centres, paint_item, paint_person, render_target, scene_key, transform)
@@ -540,7 +543,6 @@ def oracle(name, cases):
 
 def model_generate(pipe, steps, cfg, sampler=None, seed=0):
     """A generate_fn that runs the sampler (sample.py) on a batch of cases, at each case's target size."""
-    import sample
 
     def generate(batch):
         out = []
@@ -557,7 +559,6 @@ def model_generate(pipe, steps, cfg, sampler=None, seed=0):
 
 def vae_generate(vae):
     """A generate_fn returning the VAE reconstruction of the exact target: the ceiling the VAE puts on any model."""
-    import torch
 
     @torch.no_grad()
     def generate(batch):
@@ -583,17 +584,11 @@ def diversity(make_generate, cases, k=8, valid=0.5):
 
 
 def main(argv=None):
-    import sample
-
     p = argparse.ArgumentParser(description="ToyCom-Bench v2: judge generated images on the held-out toy benchmark.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--transformer", help="judge this transformer folder (sampled with sample.py); default: an oracle")
-    p.add_argument("--ckpt", default=sample.TOY_CKPT, help="pipeline root with vae/ and text_encoder/")
-    p.add_argument("--steps", type=int, help="sampler steps (default 50 euler / 8 fewstep)")
-    p.add_argument("--cfg", type=float, help="true CFG scale (default: the pipeline's best for the sampler, "
-                   "from model_index.json; official 4)")
-    p.add_argument("--sampler", choices=["euler", "fewstep"])
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+                                formatter_class=sample.HelpFormatter)
+    p.add_argument("--transformer", help="judge this transformer folder, sampled with sample.py in CKPT's pipeline "
+                   "(default: none; an oracle is judged)")
+    sample.add_sampling_flags(p)
     p.add_argument("--oracle", choices=ORACLES + ["vae"], default="exact",
                    help="without --transformer: a generator with known answers (see oracle())")
     p.add_argument("--split", choices=["bench", "val"], default="bench", help="val: for recipe choices; bench: results")
@@ -601,7 +596,7 @@ def main(argv=None):
     p.add_argument("--n_edit", type=int, default=100, help="editing cases")
     p.add_argument("--diversity", type=int, default=0, help="also sample the first 20 composition cases with this "
                    "many seeds and report distinct valid placements (model only)")
-    p.add_argument("--out", default="out/eval")
+    p.add_argument("--out", default="out/eval", help="folder for table.json, scores.jsonl and grid.png")
     args = p.parse_args(argv)
     cases = toycom_cases(args.n, args.n_edit, args.split)
     try:
@@ -612,9 +607,7 @@ def main(argv=None):
             print(f"{args.transformer or 'the default transformer'}: {args.sampler or pipe.sampler}, "
                   f"{args.steps or 'default'} steps, CFG {args.cfg}")
         elif args.oracle == "vae":
-            import vae
-
-            generate_fn = vae_generate(vae.load_vae(os.path.join(args.ckpt, "vae")))
+            generate_fn = vae_generate(V.load_vae(os.path.join(args.ckpt, "vae")))
         else:
             generate_fn = oracle(args.oracle, cases)
     except ValueError as e:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from pack import image_mask
@@ -373,16 +375,34 @@ class MMDiT(nn.Module):
 # -----------------------------------------------------------------------------
 # loading and saving official diffusers-layout folders
 
-WEIGHTS = "diffusion_pytorch_model"
+WEIGHTS = "diffusion_pytorch_model"  # the diffusers file stem (transformer/, vae/); transformers uses "model"
 
 
 def _first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _checkpoint_files(folder):
-    """The weight files of a transformer folder: sharded safetensors (index), one safetensors, or the .bin."""
-    index = os.path.join(folder, WEIGHTS + ".safetensors.index.json")
+def atomic_write(path, write):
+    """Write `path` through a temp name and a rename, so a killed run never leaves a half-written file there.
+    write: the text to write, or a function that writes the file at the path it is given."""
+    tmp = path + ".tmp"
+    try:
+        if callable(write):
+            write(tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(write)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def weight_files(folder, stem=WEIGHTS):
+    """The weight files of one component folder, as the official releases lay them out: the shards named in
+    STEM.safetensors.index.json, or STEM.safetensors, or STEM.bin."""
+    index = os.path.join(folder, stem + ".safetensors.index.json")
     if os.path.exists(index):
         try:
             weight_map = json.load(open(index))["weight_map"]
@@ -393,41 +413,63 @@ def _checkpoint_files(folder):
         if missing:
             raise ValueError(f"{folder}: shards listed in the index are missing: {missing}")
         return [os.path.join(folder, f) for f in files]
-    for name in (WEIGHTS + ".safetensors", WEIGHTS + ".bin"):
+    for name in (stem + ".safetensors", stem + ".bin"):
         if os.path.exists(os.path.join(folder, name)):
             return [os.path.join(folder, name)]
-    raise ValueError(f"{folder}: no {WEIGHTS}.safetensors(.index.json) or {WEIGHTS}.bin found")
+    raise ValueError(f"{folder}: no {stem}.safetensors(.index.json) or {stem}.bin found")
 
 
-def _open_weights(path):
-    """→ {name: tensor-or-lazy-handle}, shapes readable without loading the data."""
+def open_weights(path):
+    """One weight file → {key: lazy tensor}: a safetensors slice (only the header is read) or a memory-mapped
+    tensor of a .bin. `v[:]` reads one; `v.get_shape()` / `v.shape` is its shape."""
     try:
         if path.endswith(".bin"):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        from safetensors import safe_open
-
         f = safe_open(path, framework="pt", device="cpu")
-        return {k: f.get_slice(k) for k in f.keys()} | {"__file__": f}
+        return {k: f.get_slice(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"{path}: cannot read weights ({_first_line(e)})") from None
 
 
+def _listed(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", … ({len(keys)} in all)" if len(keys) > n else "")
+
+
 def check_state_keys(expected, found, where):
-    """Compare {name: shape} dicts; one error listing every missing, unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
-    if missing or unexpected or shapes:
-        parts = [f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}" if missing else "",
-                 f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}" if unexpected else "",
-                 "wrong shape " + ", ".join(f"{k} {tuple(found[k])}≠{tuple(expected[k])}" for k in shapes[:8]) if shapes else ""]
-        raise ValueError(f"{where}: state dict does not match the model: " + "; ".join(p for p in parts if p))
+    """Compare {key: shape} dicts; one error listing every missing, unexpected and mis-shaped key."""
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    wrong = [f"{k} {tuple(found[k])} != {tuple(expected[k])}" for k in expected.keys() & found.keys()
+             if tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = [f"{what} [{_listed(keys)}]" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"{where}: the weights do not match the config: " + "; ".join(parts))
+
+
+def read_state(folder, expected, stem=WEIGHTS, rename=None, skip=()):
+    """The weights of a component folder, as (key, tensor) pairs in their stored dtype, one tensor read at a time
+    (the MMDiT, the VAE and the text encoder all load through here). The keys and shapes of every file are
+    checked against `expected` {key: shape} before any tensor is read. rename maps stored keys to the model's;
+    keys in `skip` are left out."""
+    files = weight_files(folder, stem)
+    opened = [{(rename(k) if rename else k): v for k, v in open_weights(f).items()} for f in files]
+    opened = [{k: v for k, v in o.items() if k not in skip} for o in opened]
+    shapes = {k: tuple(v.get_shape()) if hasattr(v, "get_shape") else tuple(v.shape) for o in opened
+              for k, v in o.items()}
+    check_state_keys(expected, shapes, folder)
+    for f, o in zip(files, opened):
+        for k, v in o.items():
+            try:
+                yield k, (v[:] if hasattr(v, "get_shape") else v)
+            except Exception as e:
+                raise ValueError(f"{f}: cannot read tensor {k} ({_first_line(e)})") from None
 
 
 def load_mmdit(path, dtype=None, device="cpu"):
     """Load an official (or our own) transformer folder. dtype=None keeps the stored dtype.
 
-    The model is built on the meta device and each shard is assigned into it as it is read, so peak
+    The model is built on the meta device and filled with the tensors as they are read and cast, so peak
     memory is the model plus one tensor, never two copies of a 20B checkpoint."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -438,36 +480,16 @@ def load_mmdit(path, dtype=None, device="cpu"):
         raise ValueError(f"{cfg_path}: unreadable config ({_first_line(e)})") from None
     with torch.device("meta"):
         model = MMDiT(cfg)
-    files = _checkpoint_files(path)
-    opened = [_open_weights(f) for f in files]
-    found = {k: (v.get_shape() if hasattr(v, "get_shape") else v.shape) for o in opened for k, v in o.items() if k != "__file__"}
-    check_state_keys({k: v.shape for k, v in model.state_dict().items()}, found, path)
-    for f, o in zip(files, opened):
-        sd = {}
-        for k, v in o.items():
-            if k == "__file__":
-                continue
-            try:
-                v = v[:] if hasattr(v, "get_shape") else v
-            except Exception as e:
-                raise ValueError(f"{f}: cannot read tensor {k} ({_first_line(e)})") from None
-            sd[k] = v.to(device=device, dtype=dtype or v.dtype)
-        model.load_state_dict(sd, strict=False, assign=True)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in read_state(path, expected)}
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
-
-
-def _atomic(write, final):
-    tmp = final + ".tmp"
-    write(tmp)
-    os.replace(tmp, final)
 
 
 def save_mmdit(model, path, max_shard_bytes=5 * 2**30, name_or_path=None):
     """Write config.json + safetensors shards (+ index when more than one), each file atomically.
     The folder loads with `load_mmdit` and with diffusers' QwenImageTransformer2DModel.from_pretrained.
     name_or_path goes to the config's `_name_or_path` (the official DMD/CM configs name their run there)."""
-    from safetensors.torch import save_file
-
     sd = model.state_dict()
     if any(".lora_" in k for k in sd):
         raise ValueError("model has LoRA weights; call merge_lora(model) before save_mmdit")
@@ -486,15 +508,15 @@ def save_mmdit(model, path, max_shard_bytes=5 * 2**30, name_or_path=None):
     if name_or_path:
         config["_name_or_path"] = name_or_path
     config["axes_dims_rope"] = list(config["axes_dims_rope"])
-    _atomic(lambda p: json.dump(config, open(p, "w"), indent=2), os.path.join(path, "config.json"))
+    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
     for keys, name in zip(shards, names):
         tensors = {k: sd[k].detach().contiguous().cpu() for k in keys}
-        _atomic(lambda p: save_file(tensors, p, metadata={"format": "pt"}), os.path.join(path, name))
+        atomic_write(os.path.join(path, name), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     index = os.path.join(path, f"{WEIGHTS}.safetensors.index.json")
     if n > 1:
         weight_map = {k: name for keys, name in zip(shards, names) for k in keys}
         total = sum(v.numel() * v.element_size() for v in sd.values())
-        _atomic(lambda p: json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, open(p, "w"), indent=2), index)
+        atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     # drop files of an earlier save that the new one does not use (a stale index would shadow the new weights)
     for f in os.listdir(path):
         if f.startswith(WEIGHTS) and f not in names and not (n > 1 and f == os.path.basename(index)):

@@ -56,15 +56,10 @@ def _round_to(size, multiple):
     return tuple(max(multiple, round(s / multiple) * multiple) for s in size)
 
 
-def joint_resize_sizes(sizes, budget=1024 * 1024, multiple=32):
-    """The UniPic-3 joint resize rule as a pure function: [(w, h)] → [(w, h)] after both official steps.
-
-    One 1024² input stays 1024²; two become 736² each; six become 416² each."""
-    return [_round_to(s, multiple) for s in _scaled_sizes(sizes, budget)]
-
-
 def joint_resize(images, budget=1024 * 1024, multiple=32):
-    """Resize PIL images by the joint rule, with the official two PIL resizes (default resample)."""
+    """Resize PIL images by the joint rule, with the official two PIL resizes (default resample): one ratio for all
+    so that Σ w·h ≈ budget, then each side to a multiple of 32. One 1024² input stays 1024²; two become 736² each;
+    six become 416² each."""
     images = [to_rgb(im) for im in images]
     scaled = _scaled_sizes([im.size for im in images], budget)
     out = []

@@ -1,4 +1,4 @@
-"""
+r"""
 Sample UniPic 3.0: edit one image or compose 1–6 images from an instruction.
 
     python sample.py --steps 8                               # the embedded toy model and a built-in toy example
@@ -6,7 +6,8 @@ Sample UniPic 3.0: edit one image or compose 1–6 images from an instruction.
         --steps 50 --cfg 4 --device cuda                     # the official teacher: Euler, true CFG
     python sample.py --ckpt Skywork/Unipic3 --transformer Unipic3-DMD/ema_transformer --steps 8 ...   # few-step
 
-Two samplers, exactly as the official code runs them (reference/unipic3_official.md §3):
+Two samplers, exactly as the official UniPic-3 inference code runs them (paper §5; the UniPic-3/ folder of
+Skywork's UniPic repository: qwen_image_edit/ for the teacher, qwen_image_edit_fast/ for the students):
   euler    the teacher: Euler on the flow ODE over the scheduler's sigmas (dynamic exponential shift with μ from
            the target token count, stretched to end at 0.02, then 0), true CFG with a per-token norm rescale;
   fewstep  CM / DMD students: predict x0 = x_t − t·v, then re-noise x = (1 − t')·x0 + t'·ε with fresh ε, over
@@ -14,17 +15,25 @@ Two samplers, exactly as the official code runs them (reference/unipic3_official
 Reference tokens stay clean at every step; only the target rows of the unified sequence are denoised.
 """
 import argparse
+import inspect
+import io
 import json
 import math
 import os
+import re
 import sys
+import tokenize
 from dataclasses import dataclass, fields
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+import data
 import model as M
-from pack import (collate, image_to_tensor, joint_resize, pack, pad_text_pair, target_rows, tensor_to_image, to_rgb,
+import text_encoder as TE
+import vae as V
+from pack import (collate, image_to_tensor, joint_resize, pack, pad_text_pair, target_rows, tensor_to_image,
                   unified_sequence, unpack)
 
 TOY_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
@@ -67,12 +76,23 @@ def shift_value(mu, sc):
     raise ValueError(f"unknown time_shift_type {sc.time_shift_type!r}")
 
 
+def time_shift(t, shift):
+    """The dynamic time shift t → shift·t / (1 + (shift − 1)·t) (0 ↦ 0, 1 ↦ 1), of a tensor t and a float or a
+    tensor shift. Written as diffusers' scheduler computes it, shift / (shift + (1/t − 1)) with a tensor numerator
+    (python / tensor would be a reciprocal and a product), so the teacher's fp32 sigmas are bit-identical to it.
+    The few-step grid (official: the first form, in float64) moves by at most 4e-16, and not at all once cast to
+    fp32 or bf16 (measured over 1–64 steps and 1–9000 target tokens)."""
+    return torch.as_tensor(shift, dtype=t.dtype, device=t.device).expand_as(t) / (shift + (1 / t - 1))
+
+
 def teacher_sigmas(steps, seq_len, sc):
     """N+1 sigmas of the teacher (the flow-match Euler scheduler, computed in fp32 as it does):
     linspace(1, 1/N, N) → shift → stretch so the last is shift_terminal → append 0."""
+    if steps < 2 and sc.shift_terminal:  # the stretch divides by 1 − σ_last = 0 (NaN in diffusers too)
+        raise ValueError(f"the euler sampler needs at least 2 steps (its schedule is stretched to end at "
+                         f"{sc.shift_terminal}), got {steps}")
     s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float()
-    shift = shift_value(calculate_mu(seq_len, sc), sc)
-    s = torch.full_like(s, shift) / (shift + (1 / s - 1))  # (a tensor numerator: python/tensor would be recip·mul)
+    s = time_shift(s, shift_value(calculate_mu(seq_len, sc), sc))
     if sc.shift_terminal:
         one_minus = 1 - s
         s = 1 - one_minus / (one_minus[-1] / (1 - sc.shift_terminal))
@@ -82,8 +102,7 @@ def teacher_sigmas(steps, seq_len, sc):
 def fewstep_times(steps, seq_len, sc):
     """N+1 times of the CM/DMD sampler: t = shift·s / (1 + (shift − 1)·s) over s = linspace(1, 0, N+1), float64."""
     s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    shift = shift_value(calculate_mu(seq_len, sc), sc)
-    return shift * s / (1 + (shift - 1) * s)
+    return time_shift(s, shift_value(calculate_mu(seq_len, sc), sc))
 
 
 def fewstep_update(x, v, t, t_next, fresh):
@@ -174,9 +193,9 @@ class Pipeline:
 
 
 def checkpoint_kind(transformer_dir):
-    """CM/DMD students are run with the few-step sampler. Their configs name the run they came from."""
-    cfg = json.load(open(os.path.join(transformer_dir, "config.json")))
-    name = (cfg.get("_name_or_path") or "") + " " + (cfg.get("_nanounipic_kind") or "")
+    """CM/DMD students are run with the few-step sampler. Their configs name the run they came from in
+    `_name_or_path` (official: the run's folder; ours: nanounipic-cm / nanounipic-dmd, train_common.export)."""
+    name = json.load(open(os.path.join(transformer_dir, "config.json"))).get("_name_or_path") or ""
     return "fewstep" if any(k in name.lower() for k in ("dmd", "-cm", "_cm", "consistency", "fewstep")) else "euler"
 
 
@@ -192,13 +211,11 @@ def pixel_budget(ckpt):
     return pipeline_index(ckpt).get("nanounipic_pixel_budget", 1024 * 1024)
 
 
-def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
+def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu", offload_text_encoder=False):
     """ckpt: a pipeline root (transformer/ vae/ text_encoder/ tokenizer/ processor/ scheduler/);
     transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer), or a model.
-    dtype: default bf16 on GPU, fp32 on CPU (whatever the files store)."""
-    import text_encoder as TE
-    import vae as V
-
+    dtype: default bf16 on GPU, fp32 on CPU (whatever the files store). offload_text_encoder: the text encoder
+    stays on the CPU and visits `device` only while it encodes (the 7B encoder and the 20B MMDiT need not share it)."""
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if not os.path.isdir(ckpt):
         raise ValueError(f"checkpoint folder {ckpt} does not exist")
@@ -216,7 +233,7 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
     return Pipeline(
         transformer=net,
         vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype, device=device),
-        text_encoder=TE.load_text_encoder(ckpt, dtype=dtype, device=device),
+        text_encoder=TE.load_text_encoder(ckpt, dtype=dtype, device=device, offload=offload_text_encoder),
         sched=SchedulerConfig.from_folder(ckpt),
         pixel_budget=pixel_budget(ckpt),
         sampler=kind,
@@ -227,10 +244,11 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu"):
 
 @torch.no_grad()
 def generate(pipe, prompts, images, *, steps=None, cfg=4.0, sampler=None, seed=0, height=None, width=None,
-             max_images=6, offload_text_encoder=False, progress=True):
+             max_images=6, vae_tile=None, progress=True):
     """prompts: B strings; images: B lists of 1–max_images PIL images (any size and mode).
     Output size: height × width (multiples of 16), default the square of the pixel budget (1024² officially).
-    Returns B PIL images."""
+    vae_tile: VAE-encode and decode in overlapping windows of this many pixels a side (a multiple of 32, e.g. 256),
+    which bounds the VAE's memory at 1024² on a small GPU. Returns B PIL images."""
     sampler = sampler or pipe.sampler
     steps = steps or (50 if sampler == "euler" else 8)
     if sampler not in ("euler", "fewstep"):
@@ -247,20 +265,20 @@ def generate(pipe, prompts, images, *, steps=None, cfg=4.0, sampler=None, seed=0
     height, width = height // 16 * 16, width // 16 * 16  # official: multiples of vae_scale_factor·2
     dtype = next(pipe.transformer.parameters()).dtype
 
-    images = [[to_rgb(im) for im in ims] for ims in images]
-    te, kw = pipe.text_encoder, dict(pixel_budget=pipe.pixel_budget, max_images=max_images)
+    # the joint pixel budget over all inputs of a sample (official rule), applied once: the VAE encodes these
+    # images and the text encoder makes only its 28/32 copy of them (pixel_budget=None)
+    images = [joint_resize(ims, pipe.pixel_budget) for ims in images]
+    te, kw = pipe.text_encoder, dict(pixel_budget=None, max_images=max_images)
     if cfg > 1:  # the negative is " " with the same images (official); both in one batched call
         (emb, mask), (neg, neg_mask) = te.encode_with_negative(prompts, images, **kw)
     else:
         (emb, mask), (neg, neg_mask) = te.encode(prompts, images, **kw), (None, None)
-    if offload_text_encoder:
-        pipe.text_encoder.to("cpu")
 
     vae_dtype = next(pipe.vae.parameters()).dtype
     refs = []
-    for ims in images:  # the joint pixel budget over all inputs of a sample; the posterior mean, normalised
-        xs = [image_to_tensor(im)[None].to(pipe.device, vae_dtype) for im in joint_resize(ims, pipe.pixel_budget)]
-        refs.append([pipe.vae.normalize(pipe.vae.encode(x))[0].to(dtype) for x in xs])
+    for ims in images:  # the posterior mean of each reference, normalised
+        xs = [image_to_tensor(im)[None].to(pipe.device, vae_dtype) for im in ims]
+        refs.append([pipe.vae.normalize(pipe.vae.encode(x, tile=vae_tile))[0].to(dtype) for x in xs])
     g = torch.Generator().manual_seed(seed)
     hw = [(height // 16, width // 16)] * len(prompts)
     tokens = denoise(pipe.transformer, refs, hw, emb, mask, neg, neg_mask, steps=steps, cfg=cfg, sampler=sampler,
@@ -268,22 +286,18 @@ def generate(pipe, prompts, images, *, steps=None, cfg=4.0, sampler=None, seed=0
     out = []
     for tok, (h, w) in zip(tokens, hw):
         z = pipe.vae.denormalize(unpack(tok[None].to(vae_dtype), h, w))
-        out.append(tensor_to_image(pipe.vae.decode(z)[0]))
+        out.append(tensor_to_image(pipe.vae.decode(z, tile=vae_tile)[0]))
     return out
 
 
 def save_png(img, path):
-    """Write via a temp name and a rename: a failed run never leaves a half-written final file."""
+    """Written atomically: a failed run never leaves a half-written final file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    M.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def grid(inputs, output, size=None):
     """Inputs then the output, side by side on white, each scaled to the output's height."""
-    from PIL import Image
-
     H = size or output.height
     tiles = [im.resize((max(1, round(im.width * H / im.height)), H)) for im in inputs] + [output]
     canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), H), "white")
@@ -295,7 +309,59 @@ def grid(inputs, output, size=None):
 
 
 # -----------------------------------------------------------------------------
-# CLI
+# CLI: this script's, and the helpers every script's --help is made with (the trainers' flags are Config fields)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's lines as written (examples continued with a backslash stay on their lines) and
+    ends every flag's help with its default, unless the help already says what the default is or there is none."""
+
+    def _get_help_string(self, action):
+        text = (action.help or "").strip()
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def field_comments(cls):
+    """{field: meaning} read from a dataclass's source: the comment after each field. Where it runs on into the
+    comment lines below (the reasons behind a value), only its whole sentences on the field's line are kept."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source file (an interactive session): no comments
+        return {}
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    lines, names, out = src.splitlines(), {f.name for f in fields(cls)}, {}
+    for n, line in enumerate(lines, 1):
+        m = re.match(r"\s+(\w+)\s*:", line)
+        if not (m and m.group(1) in names and n in comments):
+            continue
+        text = comments[n]
+        if n < len(lines) and lines[n].lstrip().startswith("#"):  # continued below: whole sentences only
+            whole = re.match(r"(.*[.)])\s", text + " ")
+            text = whole.group(1) if whole else text + " …"
+        out[m.group(1)] = text
+    return out
+
+
+def _bool(s):
+    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("1", "true", "yes")
+
+
+def parse_config(cls, argv=None, doc=None):
+    """A dataclass config from the command line: every field is a flag (`--lr 1e-4`, `--fsdp true`) whose help is
+    the field's comment and whose default is the field's default; nothing else."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    meaning = field_comments(cls)
+    for f in fields(cls):
+        kind = type(f.default)
+        conv = _bool if kind is bool else kind if kind in (int, float) else str
+        p.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=kind.__name__.upper(),
+                       help=meaning.get(f.name, "").replace("%", "%%") or "(default: %(default)s)")
+    return cls(**vars(p.parse_args(argv)))
 
 
 DEFAULT_PROMPT = "Combine the reference images to generate the final result."  # the official demo's default
@@ -303,8 +369,6 @@ DEFAULT_PROMPT = "Combine the reference images to generate the final result."  #
 
 def builtin_example():
     """A held-out toy-world composition case: its inputs, instruction and exact target."""
-    import data
-
     case = data.ToyWorld(seed=data.EXAMPLE_SEED).sample(0)
     return case["input_images"], case["instruction"], case["output_image"]
 
@@ -323,6 +387,8 @@ def check_args(args):
         v = getattr(args, name)
         if v is not None and (v < 16 or v % 16):
             raise ValueError(f"--{name} {v} must be a multiple of 16, at least 16")
+    if args.vae_tile is not None and (args.vae_tile < 32 or args.vae_tile % 32):
+        raise ValueError(f"--vae-tile {args.vae_tile} must be a positive multiple of 32 pixels, e.g. 256")
     if not os.path.isdir(args.ckpt):
         raise ValueError(f"checkpoint folder {args.ckpt} does not exist")
     budget = pixel_budget(args.ckpt)
@@ -332,24 +398,39 @@ def check_args(args):
         raise ValueError(f"output {w}x{h} is {h * w} pixels, beyond this pipeline's budget of {budget} ({side}x{side})")
 
 
+def add_sampling_flags(p):
+    """The flags sample.py and eval.py share: the pipeline, and how its transformer is sampled."""
+    p.add_argument("--ckpt", default=TOY_CKPT, help="pipeline root: transformer/ vae/ text_encoder/ tokenizer/ "
+                   "processor/ scheduler/; the default is the embedded toy model")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 50 for euler, 8 for fewstep)")
+    p.add_argument("--cfg", type=float, help="true CFG scale; 1 disables CFG (default: the pipeline's best for its "
+                   "sampler, from model_index.json; 4 in the official scripts)")
+    p.add_argument("--sampler", choices=["euler", "fewstep"], help="euler (teacher) or fewstep (CM / DMD students) "
+                   "(default: what the transformer was trained for)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial (and re-noise) noise")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=TOY_CKPT, help="pipeline root: transformer/ vae/ text_encoder/ tokenizer/ processor/ (default: the embedded toy model)")
-    p.add_argument("--transformer", help="use this transformer folder instead of CKPT/transformer, e.g. Unipic3-DMD/ema_transformer")
-    p.add_argument("--images", nargs="+", help="1–6 input images (default: a built-in toy example)")
-    p.add_argument("--prompt", help="the instruction; refer to inputs as Image1, Image2, …")
-    p.add_argument("--steps", type=int, help="denoising steps (default 50 for euler, 8 for fewstep)")
-    p.add_argument("--cfg", type=float, help="true CFG scale; 1 disables CFG (default: the pipeline's best for its sampler, from model_index.json; 4.0 in the official scripts)")
-    p.add_argument("--sampler", choices=["euler", "fewstep"], help="default: from the checkpoint (teacher → euler, CM/DMD → fewstep)")
-    p.add_argument("--seed", type=int, default=0, help="initial (and re-noise) noise seed")
-    p.add_argument("--height", type=int, help="output height in pixels, a multiple of 16 (default: the budget's square, 1024 officially)")
-    p.add_argument("--width", type=int, help="output width in pixels, a multiple of 16")
-    p.add_argument("--out", default="sample.png", help="output PNG")
-    p.add_argument("--grid", action="store_true", help="also write OUT with _grid: the inputs and the output side by side")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--offload-text-encoder", action="store_true", help="move the text encoder to the CPU after encoding")
-    p.add_argument("--max-images", type=int, default=6, help="the most input images accepted (the paper's limit is 6)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--images", nargs="+", help="1–6 input images (default: a built-in held-out toy example)")
+    p.add_argument("--prompt", help="the instruction; refer to inputs as Image1, Image2, … (default: the example's, "
+                   "or the official demo's generic one)")
+    p.add_argument("--transformer", help="use this transformer folder instead, e.g. Unipic3-DMD/ema_transformer "
+                   "(default: the one CKPT/model_index.json names, else CKPT/transformer)")
+    add_sampling_flags(p)
+    p.add_argument("--height", type=int, help="output height in pixels, a multiple of 16 (default: the side of the "
+                   "pipeline's pixel budget, 1024 officially, 128 for the toy)")
+    p.add_argument("--width", type=int, help="output width in pixels, a multiple of 16 (default: as --height)")
+    p.add_argument("--out", default="sample.png", help="the output PNG")
+    p.add_argument("--grid", action="store_true", help="also write OUT_grid.png: the inputs, the exact target (built-in "
+                   "example) and the output side by side")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the models run")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="model precision (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU; it visits "
+                   "the device only while it encodes")
+    p.add_argument("--vae-tile", type=int, help="VAE-encode and decode in overlapping tiles of this many pixels a "
+                   "side, a multiple of 32 (e.g. 256: 1024² outputs on a small GPU) (default: whole images)")
+    p.add_argument("--max-images", type=int, default=6, help="the most input images accepted (the paper's limit)")
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -360,8 +441,6 @@ def main(argv=None):
     try:
         target = None
         if args.images:
-            from PIL import Image, UnidentifiedImageError
-
             images = []
             for f in args.images:
                 try:
@@ -374,11 +453,11 @@ def main(argv=None):
         else:
             images, prompt, target = builtin_example()
             prompt = args.prompt or prompt
-        pipe = load_pipeline(args.ckpt, args.transformer, dtype=dtype, device=args.device)
+        pipe = load_pipeline(args.ckpt, args.transformer, dtype=dtype, device=args.device,
+                             offload_text_encoder=args.offload_text_encoder)
         cfg = args.cfg if args.cfg is not None else pipe.default_cfg(args.sampler)
         out = generate(pipe, [prompt], [images], steps=args.steps, cfg=cfg, sampler=args.sampler, seed=args.seed,
-                       height=args.height, width=args.width, max_images=args.max_images,
-                       offload_text_encoder=args.offload_text_encoder)[0]
+                       height=args.height, width=args.width, max_images=args.max_images, vae_tile=args.vae_tile)[0]
     except ValueError as e:
         sys.exit(f"error: {e}")
     save_png(out, args.out)

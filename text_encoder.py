@@ -14,7 +14,6 @@ import json
 import os
 import re
 import unicodedata
-from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+import model as M
 import pack
 
 # -----------------------------------------------------------------------------
@@ -151,45 +150,6 @@ class Tokenizer:
 
     def save(self, folder):
         save_tokenizer(folder, {**self.vocab, **self.added}, self.merges, list(self.added))
-
-
-def train_bpe(texts, vocab_size, special_tokens=ADDED_TOKENS):
-    """A tiny byte-level BPE trainer for the toy world. Pre-tokenize like the tokenizer, start from the 256 byte
-    characters (ids = byte values), merge the most frequent adjacent pair (ties: the smallest pair) until the vocab
-    plus the special tokens reaches vocab_size. Returns (vocab with the special tokens last, merges)."""
-    byte_char = bytes_to_unicode()
-    cut = re.compile("|".join(map(re.escape, special_tokens))) if special_tokens else None
-    words = Counter()
-    for text in texts:
-        for piece in cut.split(text) if cut else [text]:
-            for w in split_regex().findall(unicodedata.normalize("NFC", piece)):
-                words[tuple(byte_char[b] for b in w.encode("utf-8"))] += 1
-    vocab = {c: b for b, c in byte_char.items()}
-    merges = []
-    while len(vocab) + len(special_tokens) < vocab_size:
-        pairs = Counter()
-        for w, n in words.items():
-            for p in zip(w, w[1:]):
-                pairs[p] += n
-        if not pairs:
-            break  # every word is a single token: the corpus has nothing left to merge
-        a, b = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append((a, b))
-        vocab.setdefault(a + b, len(vocab))
-        words = Counter({_merge(w, a, b): n for w, n in words.items()})
-    for t in special_tokens:
-        vocab[t] = len(vocab)
-    return vocab, merges
-
-
-def _merge(word, a, b):  # every (a, b) in the symbol tuple → a+b, left to right
-    out = []
-    for s in word:
-        if out and out[-1] == a and s == b:
-            out[-1] = a + b
-        else:
-            out.append(s)
-    return tuple(out)
 
 
 def save_tokenizer(folder, vocab, merges, added_tokens=ADDED_TOKENS):
@@ -688,16 +648,6 @@ def init_weights(module, std=0.02):
 # load / save the official folders (text_encoder/, tokenizer/, processor/)
 
 
-def _shards(folder):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        return [os.path.join(folder, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
-    single = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-    return [single]
-
-
 def _official_name(key):
     # transformers >= 4.52 in-memory names → the legacy on-disk names our modules use
     return re.sub(r"^model\.language_model\.", "model.", re.sub(r"^model\.visual\.", "visual.", key))
@@ -705,9 +655,9 @@ def _official_name(key):
 
 def load_text_encoder(root, dtype=torch.bfloat16, device="cpu", offload=False):
     """root = a pipeline folder with text_encoder/, tokenizer/, processor/. Built on the meta device and filled
-    shard by shard (assign=True). Keys are checked over all shards first: missing, unexpected or mis-shaped keys
-    raise one ValueError. `lm_head.weight` is the one key skipped: only the last hidden state is used (it is untied
-    in 7B). offload=True keeps the weights on the CPU and moves them to `device` only while encoding."""
+    tensor by tensor (model.read_state: keys checked over all shards first, one ValueError for any missing,
+    unexpected or mis-shaped key). `lm_head.weight` is the one key skipped: only the last hidden state is used (it
+    is untied in 7B). offload=True keeps the weights on the CPU and moves them to `device` only while encoding."""
     folder = os.path.join(root, "text_encoder")
     cfg = TextEncoderConfig.from_dict(_read_json(os.path.join(folder, "config.json")))
     tokenizer = Tokenizer.from_folder(os.path.join(root, "tokenizer"))
@@ -719,22 +669,10 @@ def load_text_encoder(root, dtype=torch.bfloat16, device="cpu", offload=False):
     with torch.device("meta"):
         te = TextEncoder(cfg, tokenizer, proc.get("image_mean", IMAGE_MEAN), proc.get("image_std", IMAGE_STD))
     expected = {k: tuple(v.shape) for k, v in te.state_dict().items()}
-    found, shards = {}, _shards(folder)
-    for path in shards:
-        with safe_open(path, framework="pt") as f:
-            found.update({_official_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    found.pop("lm_head.weight", None)
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    shape = [f"{k} {found[k]} != {expected[k]}" for k in sorted(expected.keys() & found.keys())
-             if found[k] != expected[k]]
-    if missing or unexpected or shape:
-        raise ValueError(f"text encoder checkpoint {folder} does not match its config: missing {missing[:5]} "
-                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), shapes {shape[:5]}")
-    load_device = "cpu" if offload else str(device)
-    for path in shards:
-        with safe_open(path, framework="pt", device=load_device) as f:
-            sd = {_official_name(k): f.get_tensor(k).to(dtype) for k in f.keys() if k != "lm_head.weight"}
-        te.load_state_dict(sd, strict=False, assign=True)  # strictness was checked over all shards above
+    load_device = "cpu" if offload else device
+    state = M.read_state(folder, expected, stem="model", rename=_official_name, skip={"lm_head.weight"})
+    sd = {k: v.to(load_device, dtype) for k, v in state}
+    te.load_state_dict(sd, strict=True, assign=True)
     te.compute_device, te.offload = torch.device(device), offload
     return te.eval().requires_grad_(False)
 
@@ -745,11 +683,8 @@ def save_text_encoder(te, root):
     folder = os.path.join(root, "text_encoder")
     os.makedirs(folder, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in te.state_dict().items()}
-    tmp = os.path.join(folder, "model.safetensors.tmp")
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(te.cfg.to_dict(next(te.parameters()).dtype), f, indent=2)
+    M.atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    M.atomic_write(os.path.join(folder, "config.json"), json.dumps(te.cfg.to_dict(next(te.parameters()).dtype), indent=2))
     vc = te.cfg.vision_config
     for sub in ("tokenizer", "processor"):
         te.tokenizer.save(os.path.join(root, sub))

@@ -14,19 +14,16 @@ checked and dropped); `save_vae` expands it back so diffusers loads the result a
 """
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
-from itertools import cycle
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+import model as M
+
 CLASS_NAME = "AutoencoderKLQwenImage"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,7 +307,7 @@ class VAEConfig:
     def toy(cls):
         """The toy world's VAE for 64-128 px images: the official architecture at base_dim 16 (1.27M parameters,
         3.6M in 3-D form). Narrow on purpose: on a CPU base_dim 16 reached 26.8 dB PSNR in 1,600 steps at batch
-        16, base_dim 32 only 16 dB. latents_mean/std start neutral; fit_vae measures them."""
+        16, base_dim 32 only 16 dB. latents_mean/std start neutral; data.fit_vae measures them."""
         return cls(base_dim=16, latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
 
     @classmethod
@@ -352,37 +349,19 @@ def official_shapes(vae):
     return shapes
 
 
-def _listed(keys, n=6):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def load_vae(path, dtype=torch.float32, device="cpu"):
     """Read an official `vae/` folder (config.json + diffusion_pytorch_model.safetensors) into the 2-D VAE.
     Keys and 3-D shapes are checked against the config before anything is loaded; each tensor is read,
-    reduced (weight[:, :, -1]) and cast one at a time into a network built on the meta device."""
-    cfg_path, w_path = os.path.join(path, "config.json"), os.path.join(path, WEIGHTS)
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise ValueError(f"VAE folder {path!r} has no {os.path.basename(p)}")
+    reduced (weight[:, :, -1]) and cast one at a time into a network built on the meta device; the
+    `time_conv`s (never run on an image) are checked and dropped."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"VAE folder {path!r} has no config.json")
     with torch.device("meta"):
         vae = VAE(VAEConfig.from_json(cfg_path))
-    shapes, state = official_shapes(vae), {}
-    try:
-        with safe_open(w_path, framework="pt", device="cpu") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            missing, unexpected = set(shapes) - set(found), set(found) - set(shapes)
-            wrong = [f"{k} {found[k]} != {shapes[k]}" for k in set(shapes) & set(found) if found[k] != shapes[k]]
-            for k, p in vae.state_dict().items() if not (missing or unexpected or wrong) else ():
-                t = f.get_tensor(k)  # one tensor at a time; the copy frees the 3-D kernel
-                state[k] = (t[:, :, -1] if t.ndim == p.ndim + 1 else t).contiguous()
-    except Exception as e:  # not a safetensors file, truncated, unreadable
-        raise ValueError(f"cannot read {w_path}: {str(e).splitlines()[0]}") from None
-    if missing or unexpected or wrong:
-        raise ValueError(f"{w_path} does not match its config: missing [{_listed(missing)}]; "
-                         f"unexpected [{_listed(unexpected)}]; wrong shape [{_listed(wrong)}]")
-    for k in state:
-        state[k] = state[k].to(device, dtype)
+    net = vae.state_dict()
+    state = {k: (t[:, :, -1] if t.ndim == net[k].ndim + 1 else t).contiguous().to(device, dtype)
+             for k, t in M.read_state(path, official_shapes(vae)) if k in net}
     vae.load_state_dict(state, strict=True, assign=True)
     return vae.eval()
 
@@ -390,7 +369,7 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
 def save_vae(vae, path):
     """Write the official layout: config.json and the safetensors with every reduced kernel put back on the
     last temporal tap (earlier taps zero) and zero `time_conv`s, so diffusers' AutoencoderKLQwenImage loads it
-    and gives the same single-image outputs. Both files are written to a temp name, then renamed."""
+    and gives the same single-image outputs. Both files are written atomically."""
     os.makedirs(path, exist_ok=True)
     sd, state = vae.state_dict(), {}
     for k, shape in official_shapes(vae).items():
@@ -398,45 +377,7 @@ def save_vae(vae, path):
         state[k] = p.contiguous() if p.ndim == len(shape) else torch.zeros(shape, dtype=p.dtype)
         if p.ndim + 1 == len(shape):
             state[k][:, :, -1] = p
-    w_path, cfg_path = os.path.join(path, WEIGHTS), os.path.join(path, "config.json")
-    save_file(state, w_path + ".tmp", metadata={"format": "pt"})
-    os.replace(w_path + ".tmp", w_path)
-    with open(cfg_path + ".tmp", "w") as fh:
-        json.dump({"_class_name": CLASS_NAME, **asdict(vae.cfg)}, fh, indent=2)
-    os.replace(cfg_path + ".tmp", cfg_path)
-
-# ----------------------------------------------------------------------------------------------------------
-# fitting a small VAE on toy images
-
-
-def fit_vae(vae, batches, steps=1600, lr=1e-3, batch=16, kl_weight=1e-6, seed=0, progress=True):
-    """Train `vae` in place: L1 + MSE reconstruction of decoded posterior samples + kl_weight * KL(q || N(0, I)).
-    batches: a callable batch_size -> images [B, 3, H, W] in [-1, 1], or an iterable of such batches.
-    Afterwards sets cfg.latents_mean/std from the posterior means of 8 fresh batches, and returns metrics
-    (last-step losses, PSNR in dB of the posterior-mean reconstruction of one fresh batch)."""
-    it, w = (None if callable(batches) else cycle(batches)), vae.quant_conv.weight
-    next_batch = lambda: (batches(batch) if it is None else next(it)).to(w.device, w.dtype)  # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train()
-    bar = tqdm(range(steps), desc="fit_vae", disable=not progress)
-    for _ in bar:
-        x = next_batch()
-        mean, logvar = vae.posterior(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean)
-        rec = vae.decoder(vae.post_quant_conv(z))  # [B, 3, H, W], unclamped so gradients flow everywhere
-        l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = l1 + mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(l1=f"{l1.item():.4f}", mse=f"{mse.item():.4f}", kl=f"{kl.item():.1f}")
-    vae.eval()
-    z = torch.cat([vae.encode(next_batch()) for _ in range(8)])  # [8B, z, h, w]
-    vae.cfg.latents_mean = z.float().mean(dim=(0, 2, 3)).tolist()
-    vae.cfg.latents_std = z.float().std(dim=(0, 2, 3)).tolist()
-    x = next_batch()
-    mse_eval = (vae.decode(vae.encode(x)) - x).float().pow(2).mean().item()
-    psnr = 10 * math.log10(4.0 / max(mse_eval, 1e-12))  # peak-to-peak range of [-1, 1] is 2
-    return {"steps": steps, "l1": l1.item(), "mse": mse.item(), "kl": kl.item(), "psnr": psnr}
+    M.atomic_write(os.path.join(path, M.WEIGHTS + ".safetensors"),
+                   lambda p: save_file(state, p, metadata={"format": "pt"}))
+    config = {"_class_name": CLASS_NAME, **asdict(vae.cfg)}
+    M.atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))

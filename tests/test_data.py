@@ -116,7 +116,7 @@ def test_samples_follow_the_joint_resize_rule():
     for i in range(len(ds)):
         s, raw = ds[i], ds.world.sample(i)
         sizes = [im.size for im in s["input_images"]]
-        assert sizes == pack.joint_resize_sizes([im.size for im in raw["input_images"]], TOY_BUDGET)
+        assert sizes == [im.size for im in pack.joint_resize(raw["input_images"], TOY_BUDGET)]
         assert all(w % 32 == 0 and h % 32 == 0 for w, h in sizes)
         assert s["output_image"].size == (128, 128) and s["scene"] == raw["scene"]
 

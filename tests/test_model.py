@@ -252,3 +252,21 @@ def test_param_count_of_official_config():
     with torch.device("meta"):
         m = M.MMDiT(M.PRESETS["qwen-image"])
     assert sum(p.numel() for p in m.parameters()) == 20_430_401_088
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    """Every temp-then-rename site writes through model.atomic_write: a write that dies halfway leaves the previous
+    file and no temp behind."""
+    path = str(tmp_path / "f.json")
+    M.atomic_write(path, "old")
+
+    def dies(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        M.atomic_write(path, dies)
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.json"]
+    M.atomic_write(path, lambda tmp: torch.save({"x": torch.zeros(1)}, tmp))
+    assert torch.load(path)["x"].shape == (1,) and os.listdir(tmp_path) == ["f.json"]

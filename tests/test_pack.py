@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pack import (collate, image_mask, image_to_tensor, joint_resize, joint_resize_sizes, pack, pad_text,
-                  target_rows, tensor_to_image, to_rgb, unpack)
+from pack import (collate, image_mask, image_to_tensor, joint_resize, pack, pad_text, target_rows, tensor_to_image,
+                  to_rgb, unpack)
 
 
 def test_pack_matches_diffusers_order_and_inverts():
@@ -45,7 +45,7 @@ def test_pack_rejects_odd_latents():
     ([(2000, 2000), (10, 10)], 1024**2, [(1024, 1024), (32, 32)]),
 ])
 def test_joint_resize_table(sizes, budget, expect):
-    assert joint_resize_sizes(sizes, budget) == expect
+    assert [im.size for im in joint_resize([Image.new("RGB", s) for s in sizes], budget)] == expect
 
 
 def test_joint_resize_images_use_the_rule_and_rgb():

@@ -1,5 +1,10 @@
 """sample.py: the official schedules and the denoising loop, against diffusers' scheduler + transformer + the
 CFG formula (a reference loop written the way the official pipeline runs), and against analytic velocities."""
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +41,16 @@ def test_fewstep_times_official_worked_list():
     assert max(abs(a - b) for a, b in zip(t.tolist(), expect)) < 1e-5
     assert abs(S.calculate_mu(4096, S.SchedulerConfig()) - 0.693548) < 1e-6
     assert S.fewstep_times(4, 4096, S.SchedulerConfig()).tolist()[1:4] == pytest.approx([0.85719, 0.66676, 0.40010], abs=1e-5)
+
+
+def test_time_shift_is_one_formula_for_every_caller():
+    """The teacher's sigmas, the few-step grid and the trainers' t all shift by t → shift·t / (1 + (shift − 1)·t); if
+    this fails the one function that computes it is off (scalar or per-sample shift)."""
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    for shift in (0.5, 1.0, 2.0008, 3.0):
+        assert torch.allclose(S.time_shift(t, shift), shift * t / (1 + (shift - 1) * t), rtol=0, atol=1e-15)
+    shift, t = torch.tensor([1.5, 2.5, 2.5]), torch.tensor([0.3, 0.7, 0.0])
+    assert torch.allclose(S.time_shift(t, shift), shift * t / (1 + (shift - 1) * t), rtol=0, atol=1e-6)
 
 
 CFG = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), in_channels=16, out_channels=4)
@@ -159,6 +174,34 @@ def test_generate_on_a_tiny_pipeline_mixed_batch(tiny_pipeline):
     assert few.size == (96, 48)  # floored to multiples of 16, as the official pipeline does
 
 
+def test_vae_tiles_in_generate(tiny_pipeline):
+    """--vae-tile: one tile covering every image is the untiled result exactly; smaller tiles run at any size."""
+    from PIL import Image
+
+    pipe = S.load_pipeline(tiny_pipeline)
+    ims, kw = [[Image.new("RGB", (80, 60), "red"), Image.new("RGB", (30, 90), "blue")]], dict(steps=2, progress=False)
+    whole = np.asarray(S.generate(pipe, ["x"], ims, **kw)[0])
+    assert np.array_equal(np.asarray(S.generate(pipe, ["x"], ims, vae_tile=64, **kw)[0]), whole)
+    assert S.generate(pipe, ["x"], ims, vae_tile=32, width=96, **kw)[0].size == (96, 64)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_two_generate_calls_in_a_row_with_the_text_encoder_offloaded(tiny_pipeline, device):
+    """One offload mechanism, the text encoder's own: it stays on the CPU and visits the device only while it
+    encodes, so a second generate() finds it where the first left it, and the images are those of a pipeline that
+    never offloads."""
+    from PIL import Image
+
+    ims, kw = [[Image.new("RGB", (80, 60), "red"), Image.new("RGB", (30, 90), "blue")]], dict(steps=2, progress=False)
+    pipe = S.load_pipeline(tiny_pipeline, device=device, offload_text_encoder=True)
+    first = np.asarray(S.generate(pipe, ["x"], ims, **kw)[0], dtype=np.int16)
+    assert {p.device.type for p in pipe.text_encoder.parameters()} == {"cpu"}
+    second = np.asarray(S.generate(pipe, ["x"], ims, **kw)[0], dtype=np.int16)
+    plain = np.asarray(S.generate(S.load_pipeline(tiny_pipeline, device=device), ["x"], ims, **kw)[0], dtype=np.int16)
+    assert np.array_equal(first, second)
+    assert np.abs(first - plain).max() <= (0 if device == "cpu" else 2)
+
+
 def test_cli_writes_png_and_grid(tiny_pipeline, tmp_path):
     from PIL import Image
 
@@ -186,6 +229,8 @@ def test_cli_writes_png_and_grid(tiny_pipeline, tmp_path):
     (["--images", "{a}", "--width", "17"], "--width 17 must be a multiple of 16"),
     (["--images", "{a}", "--ckpt", "{nope}"], "does not exist"),
     (["--images", "{a}", "--ckpt", "{novae}"], "missing its vae/ folder"),
+    (["--images", "{a}", "--vae-tile", "40"], "--vae-tile 40 must be a positive multiple of 32"),
+    (["--images", "{a}", "--sampler", "euler", "--steps", "1"], "the euler sampler needs at least 2 steps"),
 ])
 def test_cli_bad_inputs_one_line_and_no_output(tiny_pipeline, tmp_path, argv, words):
     import shutil
@@ -208,6 +253,29 @@ def test_cli_bad_inputs_one_line_and_no_output(tiny_pipeline, tmp_path, argv, wo
     msg = str(e.value)
     assert words in msg and "\n" not in msg
     assert not out.exists() and not (tmp_path / "out.png.tmp").exists()
+
+
+def test_a_bad_flag_exits_nonzero_with_one_line_on_stderr(tmp_path):
+    """The bad-input table, as a user meets it: a non-zero exit code, one line on stderr, no traceback, no file."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.png"
+    r = subprocess.run([sys.executable, "sample.py", "--steps", "-3", "--out", str(out)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(S.__file__)))
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--steps must be a positive" in r.stderr
+    assert not out.exists()
+
+
+def test_a_tiny_input_is_resized_by_the_joint_rule_first(tiny_pipeline, tmp_path):
+    """The 3×3 px row: the official rule resizes all inputs jointly to the budget before anything is checked, so a
+    3×3 image is a valid input (every side is at least 32 px after it)."""
+    from PIL import Image
+
+    Image.new("RGB", (3, 3), "red").save(tmp_path / "a.png")
+    out = tmp_path / "out.png"
+    S.main(["--ckpt", tiny_pipeline, "--images", str(tmp_path / "a.png"), "--steps", "2", "--out", str(out)])
+    assert Image.open(out).size == (64, 64)
 
 
 def test_too_many_images_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
@@ -249,3 +317,62 @@ def test_pipeline_defaults_follow_model_index(tiny_pipeline, tmp_path):
     teacher = S.load_pipeline(str(root), str(root / "transformer"))
     assert teacher.sampler == "euler" and teacher.default_cfg() == 2.5
     assert S.load_pipeline(tiny_pipeline).default_cfg() == 4.0  # no record: the official value
+
+
+# -----------------------------------------------------------------------------
+# --help of every script: each flag's meaning and default; the docstring's examples as written
+
+
+def help_text(main, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def flag_help(text):
+    """{flag: its whole help entry} from an argparse --help text."""
+    body = re.split(r"\n(?:options|optional arguments):\n", text)[1]
+    return {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", "\n" + body) if e.strip()}
+
+
+@pytest.mark.parametrize("script", ["sample", "eval", "bench", "train_fm", "train_cm", "train_dmd"])
+def test_help_gives_every_flag_a_default(script, capsys):
+    import importlib
+
+    mod = importlib.import_module(script)
+    main = mod.main if hasattr(mod, "Config") is False else (lambda argv: S.parse_config(mod.Config, argv, mod.__doc__))
+    entries = flag_help(help_text(main, capsys))
+    assert len(entries) > 3
+    for flag, entry in entries.items():
+        if flag != "-h":
+            assert "default" in entry and len(entry.split()) > 3, entry  # a default, and words besides the flag
+
+
+def test_help_keeps_the_docstring_lines_as_written(capsys):
+    """Examples continued with a backslash stay on their lines (a raw docstring, a raw-description formatter)."""
+    text = help_text(S.main, capsys)
+    assert all(line in text for line in S.__doc__.strip().splitlines()) and "Image2\" \\\n" in text
+
+
+@dataclass
+class Demo:
+    lr: float = 1e-3  # learning rate, 50% of the paper's
+    steps: int = 10  # optimiser steps. The toy needs more because the
+    #   world is large
+    name: str = "a # b"
+    quiet: bool = False  # no progress bar
+
+
+def test_config_flags_take_their_help_from_the_field_comments(capsys):
+    assert S.field_comments(Demo) == {"lr": "learning rate, 50% of the paper's", "steps": "optimiser steps.",
+                                      "quiet": "no progress bar"}
+    entries = flag_help(help_text(lambda argv: S.parse_config(Demo, argv, "demo"), capsys))
+    assert entries["--lr"] == "--lr FLOAT learning rate, 50% of the paper's (default: 0.001)"
+    assert entries["--steps"] == "--steps INT optimiser steps. (default: 10)"
+    assert entries["--name"] == "--name STR (default: a # b)"
+    cfg = S.parse_config(Demo, ["--lr", "3e-4", "--quiet", "true", "--name", "x"])
+    assert cfg == Demo(lr=3e-4, steps=10, name="x", quiet=True)
+    with pytest.raises(SystemExit):
+        S.parse_config(Demo, ["--quiet", "ture"])  # not silently False
+    assert "expected true or false" in capsys.readouterr().err
