@@ -44,22 +44,14 @@ from safetensors.torch import load_file, save_file
 import data as D
 import model as M
 from pack import collate, pad_text, unified_sequence
-from sample import SchedulerConfig, calculate_mu, shift_value
+import eval as E
+import sample as S
+import text_encoder as TE
+import vae as V
+from sample import SchedulerConfig, calculate_mu, parse_config, shift_value, time_shift
 
 # -----------------------------------------------------------------------------
 # config: dataclass defaults, overridden by --field value on the command line
-
-
-def parse_config(cls, argv=None, doc=None):
-    """Every dataclass field becomes a flag (`--lr 1e-4`, `--fsdp true`); nothing else."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        kind = type(f.default)
-        conv = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind if kind in (int, float) else str
-        p.add_argument(f"--{f.name}", type=conv, default=f.default, metavar=kind.__name__.upper())
-    return cls(**vars(p.parse_args(argv)))
 
 
 # what check_config knows of each trainer's flags; a flag a Config does not have is skipped
@@ -350,7 +342,7 @@ def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
     u = torch.randn(len(shapes), generator=generator) * std + mean
     t = torch.sigmoid(u)
     shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
-    return shift * t / (1 + (shift - 1) * t)
+    return time_shift(t, shift)
 
 
 # -----------------------------------------------------------------------------
@@ -371,9 +363,6 @@ def build_cache(cfg, rank, world):
     W = built[0] if built else world  # a cache built by another number of processes is the same data: reuse it
     parts = [os.path.join(root, f"part{r}of{W}") for r in range(W)]
     if W == world and not os.path.exists(os.path.join(parts[rank], "index.json")):
-        import text_encoder as TE
-        import vae as V
-
         vae = V.load_vae(os.path.join(cfg.assets, "vae"))
         te = TE.load_text_encoder(cfg.assets)
         toy = D.toy_world_config(cfg.data)
@@ -433,9 +422,6 @@ def make_batch(items, cond_drop, generator, device, with_neg=False):
 def evaluate(assets, model, out, step, meter, n_cases, steps, cfg, sampler):
     """A few ToyCom validation cases (never the bench) with the given sampler, steps and CFG: a metrics line,
     a table and a PNG grid under OUT/eval_STEP/."""
-    import eval as E
-    import sample as S
-
     was = model.training
     pipe = S.load_pipeline(assets, transformer=model.eval())
     cases = E.toycom_cases(n=n_cases, n_edit=0, split="val")
@@ -545,9 +531,7 @@ def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, ke
         json.dump(state, f)
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     os.replace(tmp, os.path.join(root, name))
-    with open(os.path.join(root, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))  # the switch is atomic
+    M.atomic_write(os.path.join(root, "latest"), name)  # the switch is atomic
     older = [c for c in checkpoints(out) if checkpoint_step(c) <= step]
     newer = [c for c in checkpoints(out) if checkpoint_step(c) > step]
     for c in newer + older[keep:]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data import (BENCH_SEED, BOTH_HAND_YS, CATS_AT, COLOURS, EDIT_OPS, HAND_YS, OUT_SIZES, POSITIONS, SCALES, SHIRTS,
                   VAL_SEED, ToyWorld, WorldConfig, draw_scene, render_target, scene_key)
-from data import transform
+from data import toy_world_config, transform
 from eval import COVERS, _crop, diversity, judge, main, oracle, regions, toycom_cases, training_keys
 
 
@@ -177,6 +177,20 @@ def test_the_target_has_freedom_the_inputs_do_not_fix():
     mean = oracle("mean16", [c])([c])[0]
     s = judge(mean, c["scene"])
     assert s["blur"] >= 1.75 and s["overall"] <= 0.3
+
+
+def test_posed_training_layouts_are_valid_v2_layouts_with_freedom_left():
+    """toy:posed (what the toy teachers train on) draws a subset of the bench's valid layouts — each renders to a
+    target the judge scores 1.0 — and still leaves pose, horizon and sun free."""
+    world = ToyWorld(0, WorldConfig(layout="posed"))
+    scenes = [world.scene(i) for i in range(40)]
+    for sc in scenes[:8]:
+        assert judge(render_target(sc), sc)["overall"] == 1.0
+    lays = [sc["layout"] for sc in scenes]
+    assert all(lay["scale"] in SCALES and set(lay["hands"]) <= set(HAND_YS) for lay in lays)
+    assert len({json.dumps([lay["hands"], lay["horizon"], lay["sun"]]) for lay in lays}) >= 30
+    with pytest.raises(ValueError, match="unknown toy layout"):
+        toy_world_config("toy:nope")
 
 
 def test_bench_is_fixed_balanced_held_out_and_deduplicated():

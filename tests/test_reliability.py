@@ -227,7 +227,8 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tiny_pipeline,
 
 def test_killed_cache_build_resumes_and_a_corrupt_shard_is_one_line(tiny_pipeline, cache, tmp_path, monkeypatch,
                                                                     capsys):
-    """Shards of 2 samples: the build dies while writing the third of four. Nothing is served (no index.json);
+    """Shards of 2 samples: the build dies while writing the third of four; the torn temp file is removed
+    (model.atomic_write) and nothing is served (no index.json);
     the next run encodes only the last two shards, and the cache equals one built in a single go. Then a
     truncated shard stops the run with one line naming it and the command that rebuilds it; run, it does."""
     monkeypatch.setattr(D, "CACHE_SHARD", 2)
@@ -245,8 +246,7 @@ def test_killed_cache_build_resumes_and_a_corrupt_shard_is_one_line(tiny_pipelin
     with pytest.raises(KeyboardInterrupt):
         T.build_cache(cfg, 0, 1)
     part = os.path.dirname(writes[0])
-    assert sorted(os.listdir(part)) == ["shard-00000.safetensors", "shard-00001.safetensors",
-                                        "shard-00002.safetensors.tmp"]
+    assert sorted(os.listdir(part)) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     kept = {f: os.stat(os.path.join(part, f)).st_mtime_ns for f in os.listdir(part)}
     monkeypatch.setattr(D, "save_file", real)
     capsys.readouterr()
