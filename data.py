@@ -613,7 +613,7 @@ def cache_latents(dataset, encode_image, encode_text, path, shard_size=CACHE_SHA
     done = {k: entries for k, entries in done.items() if entries is not None}
     if done:
         print(f"cache: {len(done)} of {len(shards)} shards of {path} already encoded, resuming")
-    pbar = tqdm(total=n, initial=sum(len(e) for e in done.values()), desc="cache", disable=n < 100)
+    pbar = tqdm(total=n, initial=sum(len(e) for e in done.values()), desc="cache")
     for k, (lo, hi) in enumerate(shards):
         if k in done:
             index += done[k]

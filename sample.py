@@ -26,7 +26,7 @@ import tokenize
 from dataclasses import dataclass, fields
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
 import data
@@ -296,14 +296,18 @@ def save_png(img, path):
     M.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def grid(inputs, output, size=None):
-    """Inputs then the output, side by side on white, each scaled to the output's height."""
+def grid(inputs, output, size=None, labels=None):
+    """Inputs then the output, side by side on white, each scaled to the output's height; labels: one caption per
+    tile (e.g. "Image1", …, "target", "output"), written in a strip above."""
     H = size or output.height
     tiles = [im.resize((max(1, round(im.width * H / im.height)), H)) for im in inputs] + [output]
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), H), "white")
-    x = 0
-    for t in tiles:
-        canvas.paste(t, (x, 0))
+    top = 14 if labels else 0
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), H + top), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for k, t in enumerate(tiles):
+        canvas.paste(t, (x, top))
+        if labels:
+            draw.text((x + 2, 1), labels[k], fill=(0, 0, 0))
         x += t.width + 4
     return canvas
 
@@ -463,7 +467,8 @@ def main(argv=None):
     save_png(out, args.out)
     print(f"prompt: {prompt}\nwrote {args.out} ({out.width}x{out.height}; {args.sampler or pipe.sampler}, CFG {cfg})")
     if args.grid:
-        g = grid(images + ([target] if target is not None else []), out)
+        labels = [f"Image{k}" for k in range(1, len(images) + 1)] + (["target"] if target is not None else []) + ["output"]
+        g = grid(images + ([target] if target is not None else []), out, labels=labels)
         path = os.path.splitext(args.out)[0] + "_grid.png"
         save_png(g, path)
         print(f"wrote {path} (inputs{' | exact target' if target is not None else ''} | output)")

@@ -33,11 +33,12 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -194,17 +195,12 @@ def freeze_unused(model):
 
 
 def wrap(model, world, device, fsdp=False, bf16=False):
-    """DDP for models whose AdamW state fits on one device; FSDP2 (`fully_shard` per block, bf16 params,
-    fp32 gradient reduction) for the 20B model. Plain model when there is one process."""
-    if world == 1:
+    """DDP for models whose AdamW state fits on one device; FSDP2 (`shard`) for the 20B model. Plain model when
+    there is one process; a model already sharded (by `sharded_mmdit`) is returned as it is."""
+    if world == 1 or is_sharded(model):
         return model
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for blk in model.transformer_blocks:
-            fully_shard(blk, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
+        return shard(model, device, bf16)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -226,7 +222,7 @@ def no_sync(model, last):
 
 def is_sharded(model):
     """True when FSDP2 has turned the parameters into DTensor shards."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_state_dict(model):
@@ -257,6 +253,128 @@ def mean_over_ranks(x):
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 without a full copy on any rank (the 20B path): the model is built on the meta device (no memory), sharded
+# (each rank allocates its own rows of every tensor), then each rank reads only those rows from the weight files.
+
+
+def meta_mmdit(source):
+    """An MMDiT on the meta device, holding no memory: `source` is a transformer folder (only its config.json is
+    read) or an MMDiTConfig."""
+    if not isinstance(source, M.MMDiTConfig):
+        source = M.MMDiTConfig.from_dict(json.load(open(os.path.join(source, "config.json"))))
+    with torch.device("meta"):
+        return M.MMDiT(source)
+
+
+def shard(model, device, bf16=False, frozen_dtype=None):
+    """FSDP2: `fully_shard` per block, then the root; bf16 all-gathers under --bf16, fp32 gradient reduction. A model
+    on the meta device then allocates only this rank's shards, uninitialised: fill them (fill_shards, copy_shards).
+    frozen_dtype: the dtype frozen parameters are stored in (a teacher in bf16 under --bf16: it is gathered in bf16
+    anyway, so the forward is the same and the memory half)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if frozen_dtype is not None:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(frozen_dtype)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for blk in model.transformer_blocks:
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    return model
+
+
+def local(p):
+    """This rank's rows of a (sharded) parameter, as a plain tensor sharing its storage."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def shard_start(p):
+    """The first row of this rank's shard of p: FSDP2 splits dim 0 as torch.chunk does (0 when not sharded)."""
+    if not isinstance(p, DTensor):
+        return 0
+    assert len(p.placements) == 1 and p.placements[0].is_shard(0), p.placements
+    n, world = p.shape[0], p.device_mesh.size()
+    return min(n, p.device_mesh.get_local_rank() * -(-n // world))
+
+
+def weight_tensors(folder):
+    """{official key: lazy tensor} over a transformer folder's weight files: only the headers are read here;
+    `t[a:b]` then reads rows a..b-1 alone, in the stored dtype (a safetensors slice, or a memory-mapped .bin)."""
+    tensors = {}
+    for f in M.weight_files(folder):
+        tensors.update(M.open_weights(f))
+    return tensors
+
+
+def _shape(t):
+    return tuple(t.get_shape()) if hasattr(t, "get_shape") else tuple(t.shape)
+
+
+@torch.no_grad()
+def fill_shards(model, sources, where="", seed=0):
+    """Fill every parameter of a sharded model with its own rows of the full tensors, one tensor at a time:
+    sources is a list of {name: tensor or lazy tensor} (weight_tensors of a folder, or a state dict); with two,
+    their 50/50 average. Only this rank's rows are read, in their stored dtype, and cast here (a bf16 file is never
+    upcast whole). Keys and shapes are checked first (one error naming every mismatch). LoRA adapters, which no
+    folder holds, start as add_lora starts them (A Kaiming-uniform drawn from `seed`, B zero), alike on every rank."""
+    params = dict(model.named_parameters())
+    expected = {k: tuple(p.shape) for k, p in params.items() if ".lora_" not in k}
+    for src in sources:
+        M.check_state_keys(expected, {k: _shape(v) for k, v in src.items()}, where)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in params.items():
+        dst = local(p)
+        a = shard_start(p)
+        b = a + dst.shape[0]
+        if ".lora_" in name:  # small: every rank draws the whole matrix, keeps its rows
+            full = torch.zeros(p.shape)
+            if name.endswith("lora_A"):
+                torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+            dst.copy_(full[a:b])
+        elif len(sources) == 1:
+            dst.copy_(sources[0][name][a:b])
+        else:  # the same arithmetic as averaging two fp32 state dicts
+            dst.copy_(0.5 * (sources[0][name][a:b].float() + sources[1][name][a:b].float()))
+    return model
+
+
+@torch.no_grad()
+def copy_shards(dst, src):
+    """dst ← src, parameter by parameter, for two models sharded alike: each rank copies its own rows."""
+    params = dict(src.named_parameters())
+    for name, p in dst.named_parameters():
+        local(p).copy_(local(params[name]))
+    return dst
+
+
+def sharded_copy(model, device, bf16=False):
+    """A frozen copy of a sharded model with the same shards (the EMA): built on the meta device, sharded alike and
+    filled from the model's own rows, without communication."""
+    copy = meta_mmdit(model.cfg).requires_grad_(False).eval()
+    return copy_shards(shard(copy, device, bf16), model)
+
+
+def gathered(model, rank):
+    """For the toy evaluation under FSDP2: a plain fp32 copy of a sharded model on rank 0 (None on the others;
+    collective, and it holds the whole model: toy scale only). A plain model is returned as it is."""
+    if not is_sharded(model):
+        return unwrap(model)
+    sd = full_state_dict(model)
+    if rank != 0:
+        return None
+    copy = meta_mmdit(model.cfg)
+    lora = [m for m in model.modules() if isinstance(m, M.LoRALinear)]
+    if lora:
+        r = lora[0].lora_A.shape[0]
+        M.add_lora(copy, r, lora[0].scale * r)
+    copy.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return copy.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -323,10 +441,14 @@ def ema_decay(step, decay):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema ← decay·ema + (1 − decay)·model, over the full weights. Under FSDP2 the gather is collective and only
-    rank 0 receives (and keeps) the EMA."""
-    sharded = is_sharded(model)
-    src = full_state_dict(model) if sharded else unwrap(model).state_dict()
+    """ema ← decay·ema + (1 − decay)·model, over the full weights. Under FSDP2 the EMA is sharded like the model
+    (sharded_copy) and each rank updates its own rows: no communication, no full copy anywhere."""
+    if is_sharded(model):
+        params = dict(model.named_parameters())
+        for k, v in ema.named_parameters():
+            local(v).lerp_(local(params[k]), 1 - decay)
+        return
+    src = unwrap(model).state_dict()
     if not src:
         return
     for k, v in ema.state_dict().items():
@@ -371,6 +493,9 @@ def build_cache(cfg, rank, world):
         else:
             ds = D.JsonlDataset(cfg.data, budget=cfg.budget)
         shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
+        if rank == 0:  # the one-time cost, said up front (toy: ~9 minutes for 8,000 samples on 2 CPU processes)
+            print(f"latent cache: encoding {len(ds)} samples into {root} ({world} process(es)); reused by every "
+                  f"later run with the same --data/--n_data/--budget/--seed and encoders", flush=True)
         # references arrive jointly resized already (pixel_budget=None: only the 28/32 copy for the encoder);
         # the posterior mean is cached (the official trainers draw a VAE sample each time)
         D.cache_latents(shard, lambda x: vae.normalize(vae.encode(x)), lambda p, ims: te.encode(p, ims, pixel_budget=None),
@@ -456,10 +581,6 @@ def _unflatten_optimizer(tensors, meta):
 
 
 def _optimizer_state(model, opt):
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return opt.state_dict()
 
 
@@ -481,12 +602,42 @@ def rank_rng_states(generator=None):
     return states
 
 
+def _rng_tensors(rngs):
+    """rank_rng_states → {rng.torch.RANK, rng.generator.RANK: state} for a safetensors file."""
+    tensors = {}
+    for r, states in enumerate(rngs):
+        tensors[f"rng.torch.{r}"] = states[0]
+        if len(states) > 1:
+            tensors[f"rng.generator.{r}"] = states[1]
+    return tensors
+
+
+def trainable_names(model):
+    return {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
 def trainable_state(model):
     """The weights an optimiser changes (all of a full model; only the adapters of a LoRA model whose base is shared
     with a frozen teacher): what a checkpoint must hold to resume it."""
     full = full_state_dict(model)
-    train = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    train = trainable_names(model)
     return {k: v for k, v in full.items() if k in train} if train != set(full) else full
+
+
+def _dcp_state(model, ema, opt, extra):
+    """What a sharded checkpoint holds, as the live tensors themselves (DTensor shards under FSDP2, nothing
+    gathered or copied): dcp.save writes them, dcp.load fills them in place. Optimiser states are keyed by
+    parameter name, so a checkpoint written by N processes loads into M (dcp reshards)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    sd = {"model": unwrap(model).state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    if ema is not None:
+        sd["ema"] = ema.state_dict()
+    for n, (m, o) in (extra or {}).items():
+        train = trainable_names(m)
+        sd[n] = {k: v for k, v in unwrap(m).state_dict().items() if k in train}
+        sd[f"{n}_optim"] = get_optimizer_state_dict(m, o)
+    return sd
 
 
 def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=2, extra=None):
@@ -494,39 +645,54 @@ def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, ke
     extra: {name: (model, optimizer)} for further trained networks (DMD's fake score), saved in the same step
     folder as NAME.safetensors and NAME_optim.safetensors, so the switch of `latest` covers them all at once.
     state.json records every tensor's shape (what resume verifies). The `keep` newest step folders up to this
-    step stay; newer ones belong to an abandoned run (restarted, or resumed from before them) and go."""
-    msd, osd = full_state_dict(model), _optimizer_state(model, opt)  # collective under FSDP2: all ranks call
-    extra_sd = {n: (trainable_state(m), _optimizer_state(m, o)) for n, (m, o) in (extra or {}).items()}
-    rngs = rank_rng_states(generator)  # collective
+    step stay; newer ones belong to an abandoned run (restarted, or resumed from before them) and go.
+    A sharded model (FSDP2) writes a torch.distributed.checkpoint folder dcp/ instead: every rank writes its own
+    shards of the model, EMA, optimiser and extras (dcp/__RANK_0.distcp, rank 0 also the index dcp/.metadata),
+    nothing is gathered; the per-rank RNG states go to rng.safetensors."""
+    root, name = os.path.join(out, "ckpt"), f"step_{step:06d}"
+    tmp = os.path.join(root, name + ".tmp")
+    if is_sharded(model):
+        import torch.distributed.checkpoint as dcp
+
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        sd = _dcp_state(model, ema, opt, extra)
+        dcp.save(sd, checkpoint_id=os.path.join(tmp, "dcp"))  # collective: returns once all files are written
+        files = {"rng.safetensors": _rng_tensors(rank_rng_states(generator))}
+        shapes = {k: {n: list(v.shape) for n, v in d.items()} for k, d in sd.items() if not k.endswith("optim")}
+        ometa, extra_meta, world = {}, {n: {} for n in extra or {}}, dist.get_world_size()
+    else:
+        msd, osd = full_state_dict(model), _optimizer_state(model, opt)
+        extra_sd = {n: (trainable_state(m), _optimizer_state(m, o)) for n, (m, o) in (extra or {}).items()}
+        rngs = rank_rng_states(generator)  # collective
+        if rank != 0:
+            return
+        files = {"model.safetensors": msd}
+        if ema is not None:
+            files["ema.safetensors"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
+        extra_meta = {}
+        for n, (sd, esd) in extra_sd.items():
+            files[f"{n}.safetensors"] = sd
+            files[f"{n}_optim.safetensors"], extra_meta[n] = _flatten_optimizer(esd)
+        otensors, ometa = _flatten_optimizer(osd)
+        otensors.update(_rng_tensors(rngs))
+        files["optim.safetensors"] = otensors
+        shapes, world = {}, len(rngs)
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     if rank != 0:
         return
-    files = {"model.safetensors": msd}
-    if ema is not None:
-        files["ema.safetensors"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
-    extra_meta = {}
-    for n, (sd, esd) in extra_sd.items():
-        files[f"{n}.safetensors"] = sd
-        files[f"{n}_optim.safetensors"], extra_meta[n] = _flatten_optimizer(esd)
-    otensors, ometa = _flatten_optimizer(osd)
-    for r, states in enumerate(rngs):
-        otensors[f"rng.torch.{r}"] = states[0]
-        if len(states) > 1:
-            otensors[f"rng.generator.{r}"] = states[1]
-    files["optim.safetensors"] = otensors
-
-    root = os.path.join(out, "ckpt")
-    name = f"step_{step:06d}"
-    tmp = os.path.join(root, name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     for fn, tensors in files.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, fn))
     random_state = rng_state()
     np_state = random_state["numpy"]
-    state = {"step": step, "info": info, "optimizer": ometa, "extra": extra_meta, "world": len(rngs),
+    shapes.update({fn: {k: list(v.shape) for k, v in tensors.items()} for fn, tensors in files.items()})
+    state = {"step": step, "info": info, "optimizer": ometa, "extra": extra_meta, "world": world,
              "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "rng_python": _jsonable(random_state["python"]),
-             "tensors": {fn: {k: list(v.shape) for k, v in tensors.items()} for fn, tensors in files.items()}}
+             "rng_python": _jsonable(random_state["python"]), "tensors": shapes}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
@@ -563,10 +729,25 @@ def latest_checkpoint(out):
 STATE_KEYS = ("step", "info", "optimizer", "extra", "rng_numpy", "rng_python")
 
 
-def checkpoint_problem(folder, files):
+def is_dcp(folder):
+    """True for a checkpoint written by a sharded (FSDP2) run."""
+    return os.path.isdir(os.path.join(folder, "dcp"))
+
+
+def checkpoint_files(folder, ema, extra):
+    """What a resume needs in `folder`: the safetensors files, and for a sharded checkpoint the groups of dcp/."""
+    if is_dcp(folder):
+        groups = ["model", "optim"] + (["ema"] if ema is not None else []) + [f"{n}{s}" for n in extra or {}
+                                                                             for s in ("", "_optim")]
+        return ["rng.safetensors"], groups
+    files = ["model.safetensors", "optim.safetensors"] + (["ema.safetensors"] if ema is not None else [])
+    return files + [f"{n}{s}.safetensors" for n in (extra or {}) for s in ("", "_optim")], []
+
+
+def checkpoint_problem(folder, files, groups=()):
     """Why the checkpoint in `folder` cannot be resumed from, in a few words, or None: state.json must be complete
     and each of `files` present, its safetensors header readable (which also catches a truncated file) and its
-    tensors the names and shapes state.json recorded."""
+    tensors the names and shapes state.json recorded; `groups` must be in dcp/ (_dcp_problem)."""
     try:
         with open(os.path.join(folder, "state.json")) as f:
             state = json.load(f)
@@ -583,6 +764,28 @@ def checkpoint_problem(folder, files):
             return f"{fn}: {one_line(e)}"
         if fn in state.get("tensors", {}) and shapes != state["tensors"][fn]:
             return f"{fn}: its tensors are not those state.json records"
+    return _dcp_problem(os.path.join(folder, "dcp"), groups) if groups else None
+
+
+def _dcp_problem(path, groups):
+    """Why the torch.distributed.checkpoint folder `path` is unusable, or None: its index (.metadata) must load
+    and hold every group (model, optim, ema, …), and each data file must hold the bytes the index points to."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = FileSystemReader(path).read_metadata()
+    except Exception as e:
+        return f"dcp/.metadata: {one_line(e)}"
+    have = {k.split(".", 1)[0] for k in meta.state_dict_metadata}
+    if any(g not in have for g in groups):
+        return f"dcp/ holds no {', '.join(g for g in groups if g not in have)}"
+    ends = {}
+    for item in meta.storage_data.values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for fn, end in sorted(ends.items()):
+        f = os.path.join(path, fn)
+        if not os.path.isfile(f) or os.path.getsize(f) < end:
+            return f"dcp/{fn}: missing or truncated"
     return None
 
 
@@ -590,37 +793,59 @@ def one_line(e):
     return " ".join(str(e).split())
 
 
+def _load_full(model, sd, strict=True):
+    """A whole state dict into a plain or a sharded model (each rank keeps its rows)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+    else:
+        unwrap(model).load_state_dict(sd, strict=strict)
+
+
+def _load_full_optimizer(model, opt, osd):
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(osd)
+
+
 def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
     """Restore model, EMA, optimiser, the `extra` {name: (model, optimizer)} and RNG states in place (each rank
-    its own streams); returns (step, info)."""
+    its own streams); returns (step, info). A sharded checkpoint (dcp/) loads into sharded or plain models, each
+    rank reading only what it holds, whatever the number of processes that wrote it; a safetensors one is read
+    whole by every rank (toy scale)."""
     if not os.path.exists(os.path.join(folder, "state.json")):
         raise ValueError(f"{folder} is not a complete checkpoint (no state.json)")
     state = json.load(open(os.path.join(folder, "state.json")))
-    msd = load_file(os.path.join(folder, "model.safetensors"))
-    otensors = load_file(os.path.join(folder, "optim.safetensors"))
-    sharded = is_sharded(model)
-    osd = _unflatten_optimizer(otensors, state["optimizer"])
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    if is_dcp(folder):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(model, msd, options=opts)
-        set_optimizer_state_dict(model, opt, osd, options=opts)
+        sd = _dcp_state(model, ema, opt, extra)
+        dcp.load(sd, checkpoint_id=os.path.join(folder, "dcp"))  # in place: model, EMA and extras are filled
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        for n, (m, o) in (extra or {}).items():
+            set_optimizer_state_dict(m, o, sd[f"{n}_optim"])
+        rngs = load_file(os.path.join(folder, "rng.safetensors"))
     else:
-        unwrap(model).load_state_dict(msd, strict=True)
-        opt.load_state_dict(osd)
-    if ema is not None:
-        ema.load_state_dict(load_file(os.path.join(folder, "ema.safetensors")), strict=True)
-    for n, (m, o) in (extra or {}).items():
-        sd = load_file(os.path.join(folder, f"{n}.safetensors"))
-        missing = set(trainable_state(m)) - set(sd)
-        if missing or n not in state.get("extra", {}):
-            raise ValueError(f"{folder}: checkpoint of {n} is incomplete ({len(missing)} tensors missing)")
-        unwrap(m).load_state_dict(sd, strict=False)
-        o.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, f"{n}_optim.safetensors")),
-                                               state["extra"][n]))
+        rngs = load_file(os.path.join(folder, "optim.safetensors"))
+        _load_full(model, load_file(os.path.join(folder, "model.safetensors")))
+        _load_full_optimizer(model, opt, _unflatten_optimizer(rngs, state["optimizer"]))
+        if ema is not None:
+            _load_full(ema, load_file(os.path.join(folder, "ema.safetensors")))
+        for n, (m, o) in (extra or {}).items():
+            sd = load_file(os.path.join(folder, f"{n}.safetensors"))
+            missing = trainable_names(m) - set(sd)
+            if missing or n not in state.get("extra", {}):
+                raise ValueError(f"{folder}: checkpoint of {n} is incomplete ({len(missing)} tensors missing)")
+            _load_full(m, sd, strict=False)
+            _load_full_optimizer(m, o, _unflatten_optimizer(load_file(os.path.join(folder, f"{n}_optim.safetensors")),
+                                                            state["extra"][n]))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = lambda k: otensors.get(f"{k}.{rank}", otensors.get(f"{k}.0", otensors.get(k)))  # older: rank 0's only
+    own = lambda k: rngs.get(f"{k}.{rank}", rngs.get(f"{k}.0", rngs.get(k)))  # older: rank 0's only
     torch.set_rng_state(own("rng.torch"))
     if generator is not None and own("rng.generator") is not None:
         generator.set_state(own("rng.generator"))
@@ -633,7 +858,9 @@ def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
 def resume(cfg, model, ema, opt, generator, rank, extra=None):
     """With --resume true: restore everything in place from the newest usable checkpoint under cfg.out (each is
     verified first: an unusable one is named in a warning and the one before it tried); returns the step to go
-    on from (0 when there is no checkpoint). None usable, or one of another model: one error line."""
+    on from (0 when there is no checkpoint). None usable, or one of another model: one error line.
+    A sharded checkpoint resumes with any number of processes, with or without --fsdp (dcp reshards); bit-identical
+    to an uninterrupted run with the same number."""
     if not cfg.resume:
         return 0
     found = checkpoints(cfg.out)
@@ -641,10 +868,8 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
         if rank == 0:
             print(f"no checkpoint under {os.path.join(cfg.out, 'ckpt')}: starting at step 0")
         return 0
-    files = ["model.safetensors", "optim.safetensors"] + (["ema.safetensors"] if ema is not None else [])
-    files += [f"{n}{s}.safetensors" for n in (extra or {}) for s in ("", "_optim")]
     for folder in found:
-        problem = checkpoint_problem(folder, files)
+        problem = checkpoint_problem(folder, *checkpoint_files(folder, ema, extra))
         if problem is None:
             break
         if rank == 0:
@@ -655,7 +880,8 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     live = {k: list(v.shape) for k, v in unwrap(model).state_dict().items()}
-    saved = state.get("tensors", {}).get("model.safetensors", live)
+    tensors = state.get("tensors", {})
+    saved = tensors.get("model.safetensors", tensors.get("model", live))
     if saved != live:
         diff = sorted(set(live) ^ set(saved)) or [k for k in live if live[k] != saved[k]]
         raise SystemExit(f"error: checkpoint {folder} holds another model than these flags build ({len(diff)} "
@@ -672,7 +898,13 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
 
 
 def export(out, model, ema, kind="teacher", rank=0):
-    """Write OUT/transformer and OUT/ema_transformer in the official layout (official names, no prefixes)."""
+    """Write OUT/transformer and OUT/ema_transformer in the official layout (official names, no prefixes).
+    Sharded models are streamed, one tensor gathered at a time (export_sharded)."""
+    if is_sharded(model):
+        for name, m in (("transformer", model), ("ema_transformer", ema)):
+            if m is not None:
+                export_sharded(m, os.path.join(out, name), f"nanounipic-{kind}", rank)
+        return
     msd = full_state_dict(model)
     if rank != 0:
         return
@@ -684,6 +916,91 @@ def export(out, model, ema, kind="teacher", rank=0):
             m = M.MMDiT(base.cfg)
         m.load_state_dict({k: v.detach().cpu() for k, v in sd.items()}, strict=True, assign=True)
         M.save_mmdit(m, os.path.join(out, name), name_or_path=f"nanounipic-{kind}")
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def write_safetensors(path, entries, tensors, metadata=None):
+    """A safetensors file written one tensor at a time: the header first (every name, dtype and shape is known up
+    front), then each tensor's bytes as `tensors` yields it, so the file is never whole in memory.
+    entries: [(name, dtype, shape)] in the order `tensors` yields them."""
+    header, offset = {}, 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for (name, dtype, shape), t in zip(entries, tensors, strict=True):
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _whole(t):
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+
+def official_tensors(model):
+    """[(official key, dtype, shape)] of a (sharded) model: LoRA adapters are merged into their Linear's weight."""
+    return [(k, v.dtype, tuple(v.shape)) for k, v in unwrap(model).state_dict().items() if ".lora_" not in k]
+
+
+def gather_official(model, key):
+    """One official tensor of a sharded model, whole on every rank (collective), a LoRA adapter merged in as
+    M.merge_lora does."""
+    owner, _, leaf = key.rpartition(".")
+    mod = unwrap(model).get_submodule(owner)
+    w = _whole(getattr(mod, leaf))
+    if isinstance(mod, M.LoRALinear) and leaf == "weight":
+        w = w + mod.scale * (_whole(mod.lora_B) @ _whole(mod.lora_A)).to(w.dtype)
+    return w
+
+
+def export_sharded(model, path, name_or_path, rank, max_shard_bytes=5 * 2**30):
+    """The official folder of a sharded model (the files M.save_mmdit writes: config.json, shards of at most
+    max_shard_bytes, their index), without the whole model on any host: tensor by tensor, every rank gathers one
+    tensor (collective) and rank 0 appends it to the open shard file."""
+    entries = official_tensors(model)
+    shards, size = [[]], 0
+    for e in entries:
+        nbytes = math.prod(e[2]) * e[1].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    n, stem = len(shards), M.WEIGHTS
+    names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        config = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1",
+                  **asdict(unwrap(model).cfg), "_name_or_path": name_or_path}
+        config["axes_dims_rope"] = list(config["axes_dims_rope"])
+        M.atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+    for shard_entries, name in zip(shards, names):
+        stream = (gather_official(model, k) for k, _, _ in shard_entries)
+        if rank == 0:
+            M.atomic_write(os.path.join(path, name),
+                           lambda p: write_safetensors(p, shard_entries, stream, metadata={"format": "pt"}))
+        else:
+            for _ in stream:  # the same gathers as rank 0, in the same order
+                pass
+    if rank != 0:
+        return
+    index = os.path.join(path, f"{stem}.safetensors.index.json")
+    if n > 1:
+        weight_map = {k: name for es, name in zip(shards, names) for k, _, _ in es}
+        total = sum(math.prod(s) * d.itemsize for _, d, s in entries)
+        M.atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for f in os.listdir(path):  # files of an earlier save that this one does not use (as save_mmdit)
+        if f.startswith(stem) and f not in names and not (n > 1 and f == os.path.basename(index)):
+            os.remove(os.path.join(path, f))
 
 
 # -----------------------------------------------------------------------------
