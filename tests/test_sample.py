@@ -212,7 +212,10 @@ def test_cli_writes_png_and_grid(tiny_pipeline, tmp_path):
     S.main(["--ckpt", tiny_pipeline, "--images", str(a), str(b), "--prompt", "The person from Image1.",
             "--steps", "2", "--out", str(out), "--grid"])
     assert Image.open(out).size == (64, 64)
-    assert Image.open(tmp_path / "o" / "out_grid.png").height == 64
+    g = Image.open(tmp_path / "o" / "out_grid.png").convert("RGB")
+    assert g.height == 64 + 14  # the tiles under a strip of column labels (Image1, Image2, output)
+    assert g.getpixel((1, 14 + 32)) == (0, 128, 0)  # Image1's first column, below the strip
+    assert min(g.crop((0, 0, 40, 14)).getdata()) != (255, 255, 255)  # a label was written there
 
 
 @pytest.mark.parametrize("argv,words", [
