@@ -298,7 +298,7 @@ def test_default_command_uses_the_embedded_toy_model(tmp_path):
     out = tmp_path / "sample.png"
     S.main(["--steps", "2", "--out", str(out), "--grid"])
     assert Image.open(out).size == (128, 128)
-    assert Image.open(tmp_path / "sample_grid.png").height == 128
+    assert Image.open(tmp_path / "sample_grid.png").height == 128 + 14  # tiles under the label strip
 
 
 def test_pipeline_defaults_follow_model_index(tiny_pipeline, tmp_path):
