@@ -14,6 +14,7 @@ Parameter names are the official ones (`transformer/config.json` + `diffusion_py
 so `load_mmdit` is a strict `load_state_dict` with no renaming.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -41,27 +42,25 @@ def timestep_embedding(t, dim=256, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_angles(shapes, N, L, axes_dims, theta=10000, device=None):
-    """MSRoPE positions → rotation angles, per sample (Eq. 8 in action).
-
-    shapes: B lists of (h, w) token grids, target first. Returns img [B, N, Dh/2] and txt [B, L, Dh/2] angles,
-    laid out [frame | row | col] with axes_dims[a]/2 frequencies each. Padding rows get position 0."""
-    invs = [1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float32, device=device) / d) for d in axes_dims]
-    img_pos = torch.zeros(len(shapes), N, 3, dtype=torch.long, device=device)
-    txt_pos = torch.zeros(len(shapes), L, 3, dtype=torch.long, device=device)
-    for b, hw in enumerate(shapes):
-        start = 0
+@functools.lru_cache(maxsize=64)
+def rope_table(hw, N, L, axes_dims, device, theta=10000):
+    """MSRoPE rotations of one sample (Eq. 8 in action), for its joint sequence [text ‖ image rows], cached per shape
+    set (a sampler asks for the same one at every step): [L + N, 1, Dh/2] complex64 = exp(i·angle), laid out
+    [frame | row | col] with axes_dims[a]/2 frequencies each. hw: the (h, w) token grids, target first.
+    Frame = image index, rows/cols centred per image, text after the largest half-extent; padding rows get 0."""
+    with torch.inference_mode(False):  # a table first made under inference_mode must still serve training later
+        pos = torch.zeros(L + N, 3, dtype=torch.long, device=device)
+        pos[:L] = (max(max(h // 2, w // 2) for h, w in hw) + torch.arange(L, device=device))[:, None]
+        start = L
         for idx, (h, w) in enumerate(hw):
             rows = torch.arange(h, device=device) - (h - h // 2)  # centred: -(h - h//2) .. h//2 - 1
             cols = torch.arange(w, device=device) - (w - w // 2)
-            grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(h * w, 2)
-            img_pos[b, start : start + h * w, 0] = idx  # frame axis = image index (0 = target)
-            img_pos[b, start : start + h * w, 1:] = grid
+            pos[start : start + h * w, 0] = idx  # frame axis = image index (0 = target)
+            pos[start : start + h * w, 1:] = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
             start += h * w
-        M = max(max(h // 2, w // 2) for h, w in hw)  # text starts after the largest image half-extent
-        txt_pos[b] = (M + torch.arange(L, device=device))[:, None]
-    angles = lambda pos: torch.cat([pos[..., a, None].float() * invs[a] for a in range(3)], dim=-1)
-    return angles(img_pos), angles(txt_pos)
+        invs = [1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float32, device=device) / d) for d in axes_dims]
+        angles = torch.cat([pos[:, a, None].float() * invs[a] for a in range(3)], dim=-1)
+        return torch.polar(torch.ones_like(angles), angles)[:, None]
 
 
 def apply_rope(x, freqs):
@@ -74,6 +73,11 @@ def apply_rope(x, freqs):
 def layer_norm(x, eps=1e-6):
     """LayerNorm without affine weights (the official img_norm*/txt_norm*/norm_out.norm have none)."""
     return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def modulate(x, shift, scale):
+    """AdaLN: x·(1 + scale) + shift, in one fused op."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class RMSNorm(nn.Module):
@@ -205,22 +209,20 @@ class Block(nn.Module):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)[:, None].chunk(6, dim=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)[:, None].chunk(6, dim=-1)
 
-        # joint attention: project each stream, QK-RMSNorm, rotate, concatenate text first, one SDPA, split
-        x = layer_norm(img) * (1 + i_scale1) + i_shift1
-        c = layer_norm(txt) * (1 + t_scale1) + t_shift1
-        q = apply_rope(a.norm_q(a.to_q(x).view(B, N, H, -1)), pe[0])
-        k = apply_rope(a.norm_k(a.to_k(x).view(B, N, H, -1)), pe[0])
-        v = a.to_v(x).view(B, N, H, -1)
-        tq = apply_rope(a.norm_added_q(a.add_q_proj(c).view(B, L, H, -1)), pe[1])
-        tk = apply_rope(a.norm_added_k(a.add_k_proj(c).view(B, L, H, -1)), pe[1])
-        tv = a.add_v_proj(c).view(B, L, H, -1)
-        q, k, v = (torch.cat(p, dim=1).transpose(1, 2) for p in ((tq, q), (tk, k), (tv, v)))  # [B, H, L+N, Dh]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).to(q.dtype)
-        img = img + i_gate1 * a.to_out[0](o[:, L:])
-        txt = txt + t_gate1 * a.to_add_out(o[:, :L])
+        # joint attention: project each stream and QK-RMSNorm it, concatenate text first, rotate, one SDPA, split
+        x = modulate(layer_norm(img), i_shift1, i_scale1)
+        c = modulate(layer_norm(txt), t_shift1, t_scale1)
+        q = torch.cat([a.norm_added_q(a.add_q_proj(c).view(B, L, H, -1)), a.norm_q(a.to_q(x).view(B, N, H, -1))], 1)
+        k = torch.cat([a.norm_added_k(a.add_k_proj(c).view(B, L, H, -1)), a.norm_k(a.to_k(x).view(B, N, H, -1))], 1)
+        v = torch.cat([a.add_v_proj(c).view(B, L, H, -1), a.to_v(x).view(B, N, H, -1)], 1)  # [B, L+N, H, Dh]
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        o = o.transpose(1, 2).flatten(2).to(q.dtype)  # [B, L+N, D]
+        img = torch.addcmul(img, i_gate1, a.to_out[0](o[:, L:].contiguous()))  # img + gate · out
+        txt = torch.addcmul(txt, t_gate1, a.to_add_out(o[:, :L].contiguous()))
 
-        img = img + i_gate2 * self.img_mlp(layer_norm(img) * (1 + i_scale2) + i_shift2)
-        txt = txt + t_gate2 * self.txt_mlp(layer_norm(txt) * (1 + t_scale2) + t_shift2)
+        img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(layer_norm(img), i_shift2, i_scale2)))
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(modulate(layer_norm(txt), t_shift2, t_scale2)))
         if img.dtype == torch.float16:  # official overflow guard, a no-op in bf16 / fp32
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt
@@ -292,7 +294,7 @@ class OutNorm(nn.Module):  # official `norm_out`: AdaLN with (scale, shift) — 
 
     def forward(self, x, vec):
         scale, shift = self.linear(F.silu(vec).to(x.dtype))[:, None].chunk(2, dim=-1)
-        return layer_norm(x) * (1 + scale) + shift
+        return modulate(layer_norm(x), shift, scale)
 
 
 class MMDiT(nn.Module):
@@ -343,8 +345,7 @@ class MMDiT(nn.Module):
         # to the activation dtype first; the samplers pass σ already rounded to the latent dtype, as it does.
         vec = self.time_text_embed.timestep_embedder(timestep_embedding(t).to(img.dtype))
         txt = self.txt_in(self.txt_norm(txt))
-        img_ang, txt_ang = rope_angles(shapes, N, L, self.cfg.axes_dims_rope, device=x.device)
-        pe = tuple(torch.polar(torch.ones_like(a), a)[:, :, None] for a in (img_ang, txt_ang))
+        pe = torch.stack([rope_table(tuple(hw), N, L, self.cfg.axes_dims_rope, x.device) for hw in shapes])
 
         for blk in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
