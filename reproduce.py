@@ -24,8 +24,11 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
+import eval as E
 import model as M
+import sample as S
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -95,6 +98,27 @@ def results_table(tables, tiny=False):
     return "\n".join(lines)
 
 
+def figure(pipe_dir, path, cases=(0, 100, 200)):
+    """A few held-out bench cases, one row each: the inputs | teacher (100 NFE) | CM (8) | DMD (8) | exact target."""
+    bench = E.toycom_cases()
+    rows = []
+    for i in cases:
+        c = bench[i]
+        outs = []
+        for _, folder, steps, _ in ROWS:
+            pipe = S.load_pipeline(pipe_dir, transformer=os.path.join(pipe_dir, folder))
+            outs.append(S.generate(pipe, [c["instruction"]], [c["input_images"]], steps=steps, cfg=pipe.default_cfg(),
+                                   width=c["scene"]["size"][0], height=c["scene"]["size"][1], progress=False)[0])
+        labels = [f"Image{k}" for k in range(1, len(c["input_images"]) + 1)] + ["teacher 100 NFE", "CM 8", "DMD 8", "target"]
+        rows.append(S.grid(c["input_images"] + outs, c["output_image"], size=96, labels=labels))
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 6 for r in rows)), "white")
+    y = 0
+    for r in rows:
+        canvas.paste(r, (0, y))
+        y += r.height + 6
+    S.save_png(canvas, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/reproduce", help="everything goes here (default: %(default)s)")
@@ -149,6 +173,7 @@ def main(argv=None):
             times[f"eval {folder}"] = time.time() - t0
         tables.append(json.load(open(os.path.join(dst, "table.json"))))
     table = results_table(tables, args.tiny)
+    figure(pipe, os.path.join(out, "results.png"), cases=(0,) if args.tiny else (0, 100, 200))
     total = sum(times.values())
     lines = [f"{k}: {v / 60:.1f} min ({v / max(total, 1e-9):.0%})" for k, v in times.items()]
     report = table + "\n\nwall time of this run: " + (f"{total / 60:.1f} min — " + "; ".join(lines) if times else "all stages reused")

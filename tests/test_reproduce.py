@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import sample as S
@@ -25,6 +26,7 @@ def test_tiny_pipeline_end_to_end_then_every_stage_is_reused(tmp_path):
     table = open(os.path.join(out, "results.md")).read()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| teacher, Euler, CFG 2", "| CM, few-step", "| DMD, few-step"]
+    assert Image.open(os.path.join(out, "results.png")).width > 5 * 96  # inputs | teacher | CM | DMD | target
     pipe = os.path.join(out, "toy")
     kinds = {f: S.checkpoint_kind(os.path.join(pipe, f)) for f in ("transformer", "transformer_cm", "transformer_dmd")}
     assert kinds == {"transformer": "euler", "transformer_cm": "fewstep", "transformer_dmd": "fewstep"}
