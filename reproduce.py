@@ -37,7 +37,7 @@ FULL = dict(
     assets=["--vae_steps", "1600"],
     teacher=["--data", "toy:posed", "--n_data", "8000", "--steps", "12000", "--lr_min", "4e-5", "--eval_cases", "0"],
     cm=["--data", "toy:posed", "--n_data", "8000", "--guidance", "1", "--steps", "600", "--eval_cases", "0"],
-    dmd=["--data", "toy:posed", "--n_data", "8000", "--steps", "500", "--micro_batch", "4", "--eval_cases", "0"],
+    dmd=["--data", "toy:posed", "--n_data", "8000", "--steps", "100", "--micro_batch", "4", "--eval_cases", "0"],
     bench=[],  # the full ToyCom-Bench v2: 200 composition + 100 editing cases
 )
 QUICK_BENCH = ["--n", "40", "--n_edit", "10"]
