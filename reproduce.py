@@ -110,7 +110,9 @@ def figure(pipe_dir, path, cases=(0, 100, 200)):
             outs.append(S.generate(pipe, [c["instruction"]], [c["input_images"]], steps=steps, cfg=pipe.default_cfg(),
                                    width=c["scene"]["size"][0], height=c["scene"]["size"][1], progress=False)[0])
         labels = [f"Image{k}" for k in range(1, len(c["input_images"]) + 1)] + ["teacher 100 NFE", "CM 8", "DMD 8", "target"]
-        rows.append(S.grid(c["input_images"] + outs, c["output_image"], size=96, labels=labels))
+        target = c["output_image"]
+        target = target.resize((round(target.width * 96 / target.height), 96))
+        rows.append(S.grid(c["input_images"] + outs, target, size=96, labels=labels))
     canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 6 for r in rows)), "white")
     y = 0
     for r in rows:

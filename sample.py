@@ -2,9 +2,9 @@ r"""
 Sample UniPic 3.0: edit one image or compose 1–6 images from an instruction.
 
     python sample.py --steps 8                               # the embedded toy model and a built-in toy example
-    python sample.py --ckpt Skywork/Unipic3 --images a.png b.png --prompt "The man from Image1 holds the cup from Image2" \
+    python sample.py --ckpt Unipic3 --images a.png b.png --prompt "The man from Image1 holds the cup from Image2" \
         --steps 50 --cfg 4 --device cuda                     # the official teacher: Euler, true CFG
-    python sample.py --ckpt Skywork/Unipic3 --transformer Unipic3-DMD/ema_transformer --steps 8 ...   # few-step
+    python sample.py --ckpt Unipic3 --transformer Unipic3-DMD/ema_transformer --steps 8 ...   # few-step
 
 Two samplers, exactly as the official UniPic-3 inference code runs them (paper §5; the UniPic-3/ folder of
 Skywork's UniPic repository: qwen_image_edit/ for the teacher, qwen_image_edit_fast/ for the students):
