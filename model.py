@@ -269,9 +269,9 @@ PRESETS = {
     "qwen-image": MMDiTConfig(),  # Qwen-Image(-Edit) and all UniPic-3 checkpoints
     # the toy world's denoiser: same architecture, 4 blocks of width 96 (≈ 1.4M params). On 2 CPU cores a
     # 25-minute run is compute-bound, and width 96 or 128 beats 192 there: ToyCom 0.35–0.36 against 0.20.
-    # 4 heads of 24 beat 3 of 32 at the same cost: 0.429 against 0.376 (the committed teacher has 3 × 32)
+    # 4 heads of 24 beat 3 of 32 at the same cost: 0.429 against 0.376 (v1 world). The committed teachers use it.
     "toy": MMDiTConfig(num_layers=4, attention_head_dim=24, num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 8, 8)),
-    # the committed toy teacher's shape (assets/toy/transformer), kept so its training command still runs
+    # the v1 toy teacher's shape (docs/history.md), kept so its training command still runs
     "toy-3x32": MMDiTConfig(num_layers=4, attention_head_dim=32, num_attention_heads=3, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)),
     # tests and smoke runs: one block of width 32 on the toy text encoder's 64-d embeddings
     "tiny": MMDiTConfig(num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(4, 6, 6)),
