@@ -105,7 +105,7 @@ def test_paper_form_target_is_flow_matching_minus_t_tangent():
         model.proj_out.weight.zero_()  # output = bias: constant in x_t and t
     x, shapes, txt, mask, noise, tgt = batch()
     t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
-    target, tnorm = C.cm_target(model, x, noise, tgt, shapes, txt, mask, t, C.Config(tangent_norm=False))
+    target, tnorm = C.cm_target(model, x, noise, tgt, shapes, txt, mask, t, C.Config(tangent_norm=False, guidance=0.0))
     assert tnorm == 0 and torch.allclose(target, ((noise - x) * tgt).float())
 
 
