@@ -141,8 +141,8 @@ SUN = (255, 250, 215)  # a pale disk somewhere in the sky; no item, skin or grou
 SUN_R = 0.06  # its radius as a share of min(W, H)
 # How a target layout is drawn. "free" is ToyWorld v2 (placement anywhere it fits, 9 scales, 7 hand heights,
 # horizon and sun anywhere): the bench and the judge use it. "posed" draws a subset of the same valid layouts —
-# the person centred at scale 0.94 (near its reference's full frame), 3 hand heights per hand, horizon and sun on the 8-px grid
-# of latent pixels — and is what the toy teachers train on: on "free" data a 1.4M-parameter teacher never learned
+# the person centred at scale 0.94 (near its reference's full frame), 3 hand heights per hand, horizon and sun on
+# the 8-px grid of latent pixels — and is what the toy teachers train on: on "free" data a 1.4M-parameter teacher never learned
 # to carry the person's colours from a reference to a freely placed and scaled copy, and sampled a patchwork
 # (README, "Status"). Its outputs still differ in pose, horizon and sun, so the judge sees one valid layout of many.
 LAYOUTS = {"free": dict(step=1, scales=SCALES, hands=HAND_YS, both=BOTH_HAND_YS),
@@ -301,7 +301,7 @@ class WorldConfig:
     p_category_word: float = 0.7  # chance that it names the item's category ("the item from Image3" otherwise)
     p_sun: float = 0.7  # chance of a sun in the target's sky
     shuffle_sources: bool = False  # False: Image1 is the person, a scene comes last
-    layout: str = "free"  # how finely target layouts are drawn (LAYOUTS); the bench always uses "free"
+    layout: str = "free"  # how target layouts are drawn (LAYOUTS); the bench always uses "free"
 
 
 BENCH_WORLD = WorldConfig(p_colour_word=0.0, p_category_word=0.4)  # ToyCom-Bench v2: the references are needed
@@ -494,7 +494,7 @@ def check_image(path, max_pixels=MAX_PIXELS, verify=True):
 
 
 def toy_world_config(data):
-    """The trainers' --data: "toy" (ToyWorld v2) or "toy:LAYOUT" (e.g. toy:coarse) → a WorldConfig; None for a
+    """The trainers' --data: "toy" (ToyWorld v2) or "toy:LAYOUT" (e.g. toy:posed) → a WorldConfig; None for a
     path (an official jsonl)."""
     if data != "toy" and not data.startswith("toy:"):
         return None
