@@ -144,7 +144,7 @@ SUN_R = 0.06  # its radius as a share of min(W, H)
 # the person centred at scale 0.94 (near its reference's full frame), 3 hand heights per hand, horizon and sun on
 # the 8-px grid of latent pixels — and is what the toy teachers train on: on "free" data a 1.4M-parameter teacher
 # never learned to carry the person's colours from a reference to a freely placed and scaled copy, and sampled a
-# patchwork (README, "Status"). Its outputs still differ in pose, horizon and sun, so the judge sees one valid layout of many.
+# patchwork (README, "Status"). Its outputs still differ in pose, horizon and sun; the judge accepts any valid layout.
 LAYOUTS = {"free": dict(step=1, scales=SCALES, hands=HAND_YS, both=BOTH_HAND_YS),
            "posed": dict(step=8, scales=SCALES[-1:], hands=HAND_YS[::3], both=BOTH_HAND_YS[::2], centred=True)}
 
