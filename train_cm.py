@@ -157,16 +157,25 @@ class Config:
 def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
-    model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
+    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (T.shard, T.fill_shards)
+    model = T.meta_mmdit(cfg.init) if sharded else M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
     model.gradient_checkpointing = cfg.grad_ckpt
     T.freeze_unused(model)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
     teacher = None
-    if cfg.guidance and cfg.guidance_from == "teacher":
-        teacher = copy.deepcopy(model).requires_grad_(False).eval().to(device)
-    if cfg.guidance and cfg.guidance_from == "ema":
-        ema.to(device)
-    model.to(device)
+    if sharded:  # each rank reads its own rows; the EMA and the frozen teacher are sharded alike
+        T.fill_shards(T.shard(model, device, cfg.bf16), [T.weight_tensors(cfg.init)], cfg.init)
+        ema = T.sharded_copy(model, device, cfg.bf16)
+        if cfg.guidance and cfg.guidance_from == "teacher":
+            teacher = T.meta_mmdit(cfg.init).requires_grad_(False).eval()
+            T.shard(teacher, device, cfg.bf16, frozen_dtype=torch.bfloat16 if cfg.bf16 else None)
+            T.fill_shards(teacher, [T.weight_tensors(cfg.init)], cfg.init)
+    else:
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        if cfg.guidance and cfg.guidance_from == "teacher":
+            teacher = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+        if cfg.guidance and cfg.guidance_from == "ema":
+            ema.to(device)
+        model.to(device)
     dmodel = T.wrap(model, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
     opt = T.make_optimizer(dmodel, cfg.lr, cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
@@ -227,10 +236,11 @@ def main(cfg):
                 pbar.close()
                 T.report_preemption(cfg.out, step, caught, rank)
                 break
-            if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and \
-                    (step % cfg.eval_every == 0 or step == cfg.steps):
-                T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
-                           "fewstep")
+            if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+                net = T.gathered(ema, rank)  # collective under FSDP2
+                if rank == 0:
+                    T.evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
+                               "fewstep")
     pbar.close()
     T.check_ranks_agree(dmodel, rank)
     T.cleanup_dist()

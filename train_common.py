@@ -33,6 +33,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -377,6 +378,40 @@ def gathered(model, rank):
     return copy.eval()
 
 
+# bytes a block saves for its backward, per token and per unit of width, under bf16 (FSDP2 bf16 params + autocast):
+# counted with saved-tensor hooks (tests/test_fsdp_memory.py); with activation checkpointing only the block
+# inputs stay (img and txt rows in bf16), and one block at a time is recomputed in full
+ACT_BYTES, CKPT_BYTES = 56, 2
+
+
+def memory_plan(cfg=None, gpus=8, img_tokens=2 * 4096, txt_tokens=1024 + 64, lora_rank=64):
+    """Per-GPU memory in GB of the recipes at official scale under FSDP2 (--fsdp true --bf16 true, one sample per
+    GPU), from parameter counts: the sharded state, FSDP2's gathered-block buffers, and the activations with and
+    without --grad_ckpt. Defaults: the 20.4B MMDiT on 8 GPUs, a 1024² target and one 1024² reference
+    (2 × 4096 image tokens) with ~1,088 condition tokens (1,024 for the reference's 896² copy, ~64 of text).
+    Sharded state per parameter: trained weights fp32 4 + gradients fp32 4 + AdamW 8 (+ EMA fp32 4); a frozen
+    teacher bf16 2. FM and CM (guidance from the EMA, official) 20; DMD: student 20 + teacher 2, and a full-copy
+    fake score 16 more, or LoRA adapters (rank lora_rank on to_q/k/v/out) 16 per adapter parameter."""
+    cfg = cfg or M.MMDiTConfig()
+    model = meta_mmdit(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.transformer_blocks[0].parameters())
+    lora = 2 * lora_rank * cfg.dim * len(M.LORA_TARGETS) * cfg.num_layers
+    GB = 1e9
+    state = {"FM": 20 * n, "CM": 20 * n, "DMD, LoRA fake score": 22 * n + 16 * lora, "DMD, full fake score": 38 * n}
+    # two blocks' bf16 weights in flight (the next one is prefetched) + one block's bf16 gradients and their fp32
+    # copy for the reduce-scatter
+    buffers = block * (2 * 2 + 2 + 4)
+    tokens = img_tokens + txt_tokens
+    act = cfg.num_layers * ACT_BYTES * tokens * cfg.dim
+    act_ckpt = cfg.num_layers * CKPT_BYTES * tokens * cfg.dim + ACT_BYTES * tokens * cfg.dim
+    plan = {"params (B)": n / 1e9, "state": {k: v / gpus / GB for k, v in state.items()}, "buffers": buffers / GB,
+            "activations": act / GB, "activations, grad_ckpt": act_ckpt / GB}
+    plan["total"] = {k: v + plan["buffers"] + plan["activations"] for k, v in plan["state"].items()}
+    plan["total, grad_ckpt"] = {k: v + plan["buffers"] + plan["activations, grad_ckpt"] for k, v in plan["state"].items()}
+    return plan
+
+
 # -----------------------------------------------------------------------------
 # preemption: a cluster scheduler sends SIGTERM (SLURM can send SIGUSR1 ahead of time) before it kills the job
 
@@ -624,12 +659,25 @@ def trainable_state(model):
     return {k: v for k, v in full.items() if k in train} if train != set(full) else full
 
 
+def _adamw_state(opt):
+    """The AdamW states a first step creates (step 0, zero moments), for dcp.load to fill on resume; torch's own
+    initialisation (get_optimizer_state_dict on a fresh optimiser) runs a step on zero gradients: a transient
+    copy of every gradient."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and p not in opt.state:
+                opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
 def _dcp_state(model, ema, opt, extra):
     """What a sharded checkpoint holds, as the live tensors themselves (DTensor shards under FSDP2, nothing
     gathered or copied): dcp.save writes them, dcp.load fills them in place. Optimiser states are keyed by
     parameter name, so a checkpoint written by N processes loads into M (dcp reshards)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    for o in [opt] + [o for _, o in (extra or {}).values()]:
+        _adamw_state(o)
     sd = {"model": unwrap(model).state_dict(), "optim": get_optimizer_state_dict(model, opt)}
     if ema is not None:
         sd["ema"] = ema.state_dict()
@@ -804,9 +852,16 @@ def _load_full(model, sd, strict=True):
 
 
 def _load_full_optimizer(model, opt, osd):
+    """A whole optimiser state dict into the optimiser of a plain or a sharded model."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if all(isinstance(k, int) for k in osd["state"]):  # written by one process or DDP: keyed by position
+            names = {p: n for n, p in unwrap(model).named_parameters()}
+            fqn = dict(zip([i for g in osd["param_groups"] for i in g["params"]],
+                           [names[p] for g in opt.param_groups for p in g["params"]]))
+            osd = {"state": {fqn[i]: st for i, st in osd["state"].items()},
+                   "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in osd["param_groups"]]}
         set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(osd)
@@ -825,7 +880,9 @@ def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         sd = _dcp_state(model, ema, opt, extra)
-        dcp.load(sd, checkpoint_id=os.path.join(folder, "dcp"))  # in place: model, EMA and extras are filled
+        with warnings.catch_warnings():  # one process (no process group) is a supported case, not a warning
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=os.path.join(folder, "dcp"))  # in place, each rank reading only its rows
         set_optimizer_state_dict(model, opt, sd["optim"])
         for n, (m, o) in (extra or {}).items():
             set_optimizer_state_dict(m, o, sd[f"{n}_optim"])

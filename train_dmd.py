@@ -146,9 +146,13 @@ class Config:
     resume: bool = False  # continue from OUT/ckpt exactly
 
 
-def build_models(cfg, device):
+def build_models(cfg, device, sharded=False):
     """student (init, or the average of init and init2), its EMA, the frozen teacher and the fake score F_φ
-    (a full copy of the teacher, or LoRA adapters on the teacher itself: then `fake is teacher`)."""
+    (a full copy of the teacher, or LoRA adapters on the teacher itself: then `fake is teacher`).
+    sharded (FSDP2): each is built on the meta device, sharded, and each rank reads its own rows of the folders;
+    the teacher's frozen weights are stored in bf16 under --bf16."""
+    if sharded:
+        return build_sharded(cfg, device)
     student = M.load_mmdit(cfg.init, dtype=torch.float32)
     if cfg.init2:
         other = M.load_mmdit(cfg.init2, dtype=torch.float32).state_dict()
@@ -165,6 +169,25 @@ def build_models(cfg, device):
     return student.to(device), ema, teacher.to(device), fake.to(device)
 
 
+def build_sharded(cfg, device):
+    student = T.meta_mmdit(cfg.init)
+    T.freeze_unused(student)
+    T.shard(student, device, cfg.bf16)
+    T.fill_shards(student, [T.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
+    ema = T.sharded_copy(student, device, cfg.bf16)
+    teacher = T.meta_mmdit(cfg.teacher).requires_grad_(False).eval()
+    if cfg.fake_lora_rank:
+        M.add_lora(teacher, cfg.fake_lora_rank, cfg.fake_lora_alpha)
+    T.shard(teacher, device, cfg.bf16, frozen_dtype=torch.bfloat16 if cfg.bf16 else None)
+    T.fill_shards(teacher, [T.weight_tensors(cfg.teacher)], cfg.teacher, cfg.seed)
+    fake = teacher
+    if not cfg.fake_lora_rank:
+        fake = T.meta_mmdit(cfg.teacher)
+        T.freeze_unused(fake)
+        T.fill_shards(T.shard(fake, device, cfg.bf16), [T.weight_tensors(cfg.teacher)], cfg.teacher)
+    return student, ema, teacher, fake
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -172,7 +195,7 @@ def build_models(cfg, device):
 def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
-    student, ema, teacher, fake = build_models(cfg, device)
+    student, ema, teacher, fake = build_models(cfg, device, sharded=cfg.fsdp and world > 1)
     dstudent = T.wrap(student, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
     dfake = T.wrap(fake, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
     opt = T.make_optimizer(dstudent, cfg.lr, cfg.weight_decay)
@@ -275,10 +298,11 @@ def main(cfg):
                 pbar.close()
                 T.report_preemption(cfg.out, step, caught, rank)
                 break
-            if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and \
-                    (step % cfg.eval_every == 0 or step == cfg.steps):
-                T.evaluate(cfg.assets, ema, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
-                           "fewstep")
+            if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+                net = T.gathered(ema, rank)  # collective under FSDP2
+                if rank == 0:
+                    T.evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
+                               "fewstep")
     pbar.close()
     T.check_ranks_agree(dstudent, rank)
     T.cleanup_dist()

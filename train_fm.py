@@ -97,7 +97,10 @@ class Config:
 def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
-    if cfg.init:
+    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (T.shard, T.fill_shards)
+    if sharded:
+        model = T.meta_mmdit(cfg.init or M.PRESETS[cfg.preset])
+    elif cfg.init:
         model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
     else:
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
@@ -106,11 +109,21 @@ def main(cfg):
     if cfg.lora_rank:
         M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     T.freeze_unused(model)
-    ema = M.MMDiT(model.cfg) if not cfg.lora_rank else None
-    if ema is not None:
-        ema.load_state_dict(model.state_dict())
-        ema.requires_grad_(False).eval()
-    model.to(device)
+    if sharded:  # each rank reads its own rows of --init (from scratch: drawn whole, as one process would)
+        if cfg.init:
+            source = T.weight_tensors(cfg.init)
+        else:
+            torch.manual_seed(cfg.seed)
+            source = M.MMDiT(M.PRESETS[cfg.preset]).init_weights().state_dict()
+        T.fill_shards(T.shard(model, device, cfg.bf16), [source], cfg.init, cfg.seed)
+        del source
+        ema = T.sharded_copy(model, device, cfg.bf16) if not cfg.lora_rank else None
+    else:
+        ema = M.MMDiT(model.cfg) if not cfg.lora_rank else None
+        if ema is not None:
+            ema.load_state_dict(model.state_dict())
+            ema.requires_grad_(False).eval()
+        model.to(device)
     dmodel = T.wrap(model, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
     opt = T.make_optimizer(dmodel, cfg.lr, cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)  # noise, t and condition dropout
@@ -176,10 +189,11 @@ def main(cfg):
                 pbar.close()
                 T.report_preemption(cfg.out, step, caught, rank)
                 break
-            if rank == 0 and D.toy_world_config(cfg.data) and cfg.eval_cases and \
-                    (step % cfg.eval_every == 0 or step == cfg.steps):
-                T.evaluate(cfg.assets, ema if ema is not None else T.unwrap(dmodel), cfg.out, step, meter,
-                           cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, "euler")
+            if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+                net = T.gathered(ema if ema is not None else dmodel, rank)  # collective under FSDP2
+                if rank == 0:
+                    T.evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
+                               "euler")
     pbar.close()
     T.check_ranks_agree(dmodel, rank)
     T.cleanup_dist()
@@ -187,6 +201,9 @@ def main(cfg):
 
 def export_lora(cfg, dmodel, rank):
     """LoRA runs export the base with the adapters merged in (official keys only)."""
+    if T.is_sharded(dmodel):  # streamed, one tensor gathered at a time
+        T.export_sharded(dmodel, os.path.join(cfg.out, "transformer"), "nanounipic-teacher-lora", rank)
+        return
     sd = T.full_state_dict(dmodel)
     if rank != 0:
         return
