@@ -276,9 +276,9 @@ def bench_vae(name, cfg, side, args, folder):
                  "decode": (ours.decode(z) - ref.decode(z[:, :, None]).sample[:, :, 0]).abs().max().item()}
     calls = {"encode": (lambda: ours.encode(x), lambda: ref.encode(x[:, :, None]).latent_dist.mean),
              "decode": (lambda: ours.decode(z), lambda: ref.decode(z[:, :, None]).sample)}
-    rows = []
+    rows, repeats = [], args.repeats_big if side > 128 else args.repeats  # official size: seconds a call
     for what, (a, b) in calls.items():
-        res = measure({"ours": no_grad(a), "ref": no_grad(b)}, args.repeats, torch.device("cpu"), args.clock)
+        res = measure({"ours": no_grad(a), "ref": no_grad(b)}, repeats, torch.device("cpu"), args.clock)
         rows.append(row(f"VAE {name} {what}", f"base_dim {cfg.base_dim}, 1 × {side}² image", res, diffs[what]))
     return rows
 
@@ -411,7 +411,7 @@ def header(args, device):
     refs = ", ".join(f"{m.__name__} {m.__version__}" for m in (diffusers, transformers) if m) or "no reference packages"
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {where} · torch {torch.__version__} · {refs} · "
           f"{torch.get_num_threads()} thread(s) · {args.clock} clock · median of {args.repeats} "
-          f"({args.repeats_big} for width ≥ 1024) after a warm-up")
+          f"({args.repeats_big} for width ≥ 1024 and the official VAE) after a warm-up")
 
 
 def cpu_table(args):
@@ -479,16 +479,18 @@ def profile_mmdit(args):
         ours, ref = mmdit_pair(cfg, torch.device("cpu"), torch.float32)
         steps = {k: fwd_bwd(m, c) for k, m, c in zip(("ours", "diffusers"), (ours, ref),
                                                       mmdit_calls(ours, ref, B, shapes, L, "cpu", torch.float32))}
-        n = 5 if name == "toy" else 2
-        self_ms, calls = {}, {}
-        for k, step in steps.items():
+        rounds, n = (4, 3) if name == "toy" else (2, 1)  # sides alternate, as in measure()
+        self_ms, calls = {k: {} for k in steps}, {k: 0.0 for k in steps}
+        for step in steps.values():
             step()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(n):
-                    step()
-            events = prof.key_averages()
-            self_ms[k] = {e.key: e.self_cpu_time_total / 1e3 / n for e in events}
-            calls[k] = sum(e.count for e in events) / n
+        for r in range(rounds):
+            for k in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(n):
+                        steps[k]()
+                for e in prof.key_averages():
+                    self_ms[k][e.key] = self_ms[k].get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / (n * rounds)
+                    calls[k] += e.count / (n * rounds)
         print(f"\nProfile, MMDiT {name} fwd+bwd (width {cfg.dim}, {cfg.num_layers} blocks), ms per step, self CPU time\n")
         print("| op | ours | diffusers |")
         print("|---|---|---|")
