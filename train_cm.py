@@ -226,24 +226,14 @@ def main(cfg):
                 pbar.set_postfix(loss=f"{loss_avg:.4f}", T=f"{tnorm_sum:.2f}", gn=f"{gnorm:.2f}")
                 t_last, logged = time.time(), step
             pbar.update(1)
-            saving = step % cfg.save_every == 0 or step == cfg.steps
-            stop = T.preempted(caught, device)  # SIGTERM / SIGUSR1 on any rank: checkpoint this step and stop
-            if saving or stop:
-                T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank, cfg.keep_ckpts)
-            if saving:
-                T.export(cfg.out, dmodel, ema, "cm", rank)
-            if stop:
-                pbar.close()
-                T.report_preemption(cfg.out, step, caught, rank)
+            # checkpoint / export / validation eval; stop after a checkpoint if the scheduler sent SIGTERM
+            if T.end_of_step(cfg, step, caught, device, rank, pbar, meter,
+                             save=lambda: T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)},
+                                                            g, rank, cfg.keep_ckpts),
+                             export=lambda: T.export(cfg.out, dmodel, ema, "cm", rank),
+                             eval_model=ema, sampler="fewstep"):
                 break
-            if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-                net = T.gathered(ema, rank)  # collective under FSDP2
-                if rank == 0:
-                    T.evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
-                               "fewstep")
-    pbar.close()
-    T.check_ranks_agree(dmodel, rank)
-    T.cleanup_dist()
+    T.finish_run(pbar, dmodel, rank)
 
 
 if __name__ == "__main__":

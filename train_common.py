@@ -12,6 +12,12 @@ Checkpoint layout under OUT/:
 A step folder is written completely before `latest` is switched to it (temp file + rename), so a run killed
 mid-write leaves the previous checkpoint loadable.
 
+FSDP2 (--fsdp true under torchrun, the 20B path) never puts a whole model on one rank: models are built on the
+meta device, sharded, and each rank reads only its rows of the weight files (fill_shards); the EMA and frozen
+teachers are sharded alike; a checkpoint is ckpt/step_N/dcp/ (torch.distributed.checkpoint: each rank writes
+and reads its own shards; it also loads with another number of processes) + rng.safetensors + state.json; the
+exported folders are streamed one gathered tensor at a time (export_sharded). memory_plan: the per-GPU budget.
+
 Failing fast and recovering (the same for the three trainers):
   - check_config: every flag and path checked before any process group, model or cache: one `error:` line;
   - the last --keep_ckpts checkpoints stay; --resume true verifies them newest first and falls back past a
@@ -34,7 +40,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -186,6 +192,13 @@ def cleanup_dist():
         dist.destroy_process_group()
 
 
+def finish_run(pbar, model, rank):
+    """After the loop: close the progress bar, check that the ranks hold the same weights, leave the group."""
+    pbar.close()
+    check_ranks_agree(model, rank)
+    cleanup_dist()
+
+
 def freeze_unused(model):
     """The last block's text stream feeds nothing (its output is discarded, as in the official model), so its
     `to_add_out` and `txt_mlp` never get a gradient. Freezing them lets DDP run without unused-parameter search."""
@@ -265,7 +278,8 @@ def meta_mmdit(source):
     """An MMDiT on the meta device, holding no memory: `source` is a transformer folder (only its config.json is
     read) or an MMDiTConfig."""
     if not isinstance(source, M.MMDiTConfig):
-        source = M.MMDiTConfig.from_dict(json.load(open(os.path.join(source, "config.json"))))
+        with open(os.path.join(source, "config.json")) as f:
+            source = M.MMDiTConfig.from_dict(json.load(f))
     with torch.device("meta"):
         return M.MMDiT(source)
 
@@ -446,6 +460,28 @@ def report_preemption(out, step, caught, rank):
         why = caught[0] if caught else "a signal to another process"
         print(f"stopped by {why} after step {step}: checkpoint {os.path.join(out, 'ckpt', f'step_{step:06d}')}; "
               f"continue with --resume true", flush=True)
+
+
+def end_of_step(cfg, step, caught, device, rank, pbar, meter, save, export, eval_model, sampler):
+    """The three trainers' end of a step: a checkpoint (`save()`) every --save_every steps, at the last step and at
+    once when any rank was signalled; the exported folders (`export()`) with the scheduled checkpoints (not when
+    preempted: the grace period is short); a validation eval of `eval_model` every --eval_every steps on toy data.
+    Returns True when the loop must stop (preempted), after saying how to continue."""
+    saving = step % cfg.save_every == 0 or step == cfg.steps
+    stop = preempted(caught, device)
+    if saving or stop:
+        save()
+    if saving:
+        export()
+    if stop:
+        pbar.close()
+        report_preemption(cfg.out, step, caught, rank)
+        return True
+    if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
+        net = gathered(eval_model, rank)  # collective under FSDP2
+        if rank == 0:
+            evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, sampler)
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -660,9 +696,9 @@ def trainable_state(model):
 
 
 def _adamw_state(opt):
-    """The AdamW states a first step creates (step 0, zero moments), for dcp.load to fill on resume; torch's own
-    initialisation (get_optimizer_state_dict on a fresh optimiser) runs a step on zero gradients: a transient
-    copy of every gradient."""
+    """The states a first step of make_optimizer's (fused) AdamW creates (step 0, zero moments), for dcp.load to
+    fill on resume. torch's own initialisation (get_optimizer_state_dict on a fresh optimiser) runs a step on zero
+    gradients: a transient copy of every gradient."""
     for group in opt.param_groups:
         for p in group["params"]:
             if p.requires_grad and p not in opt.state:

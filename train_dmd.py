@@ -1,4 +1,4 @@
-"""
+r"""
 Distribution matching distillation (paper §4.3, Eq. 12–14): the few-step student's samples are pushed towards
 the CFG teacher's distribution.
 
@@ -32,6 +32,10 @@ Official variants (public UniPic-3 trainer), each behind a flag:
 
     python train_dmd.py                                                    # toy, one process
     torchrun --standalone --nproc_per_node=2 train_dmd.py                  # toy, 2 processes (gloo)
+    torchrun --nproc_per_node=8 train_dmd.py --assets Qwen-Image-Edit --data train.jsonl \
+        --teacher Unipic3/transformer --init CM_RUN/ema_transformer --fsdp true --bf16 true --grad_ckpt true \
+        --fake_lora_rank 64 --lr 2e-6 --lr_fake 2e-6 --teacher_cfg 6 --batch 64 --micro_batch 1 --budget 1048576
+                                            # 20B on 8 GPUs: the LoRA fake score fits 80 GB (train_common.memory_plan)
 """
 import contextlib
 import copy
@@ -135,6 +139,7 @@ class Config:
     ema: float = 0.95  # per student update (official)
     fsdp: bool = False  # FSDP2 per block instead of DDP (the 20B model)
     bf16: bool = False  # bf16 autocast / FSDP2 bf16 params (GPU)
+    grad_ckpt: bool = False  # activation checkpointing per block of the student and the fake score (memory for time)
     log_every: int = 5  # steps between metrics.jsonl lines
     save_every: int = 100  # steps between checkpoints and exported folders
     keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
@@ -196,6 +201,7 @@ def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
     student, ema, teacher, fake = build_models(cfg, device, sharded=cfg.fsdp and world > 1)
+    student.gradient_checkpointing = fake.gradient_checkpointing = cfg.grad_ckpt  # (a LoRA fake is the teacher)
     dstudent = T.wrap(student, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
     dfake = T.wrap(fake, world, device, fsdp=cfg.fsdp, bf16=cfg.bf16)
     opt = T.make_optimizer(dstudent, cfg.lr, cfg.weight_decay)
@@ -287,25 +293,15 @@ def main(cfg):
                 pbar.set_postfix(loss=f"{loss_avg:.4f}", fake=f"{fake_loss:.3f}", x0_std=f"{stats['x0_std']:.2f}")
                 t_last, logged = time.time(), step
             pbar.update(1)
-            saving = step % cfg.save_every == 0 or step == cfg.steps
-            stop = T.preempted(caught, device)  # SIGTERM / SIGUSR1 on any rank: checkpoint this step and stop
-            if saving or stop:
-                T.save_checkpoint(cfg.out, step, dstudent, ema, opt, {"config": asdict(cfg)}, g, rank, cfg.keep_ckpts,
-                                  extra={"fake": (dfake, opt_fake)})
-            if saving:
-                T.export(cfg.out, dstudent, ema, "dmd", rank)
-            if stop:
-                pbar.close()
-                T.report_preemption(cfg.out, step, caught, rank)
+            # checkpoint (the fake score and its optimiser too) / export / validation eval; stop after a
+            # checkpoint if the scheduler sent SIGTERM
+            if T.end_of_step(cfg, step, caught, device, rank, pbar, meter,
+                             save=lambda: T.save_checkpoint(cfg.out, step, dstudent, ema, opt, {"config": asdict(cfg)},
+                                                            g, rank, cfg.keep_ckpts, extra={"fake": (dfake, opt_fake)}),
+                             export=lambda: T.export(cfg.out, dstudent, ema, "dmd", rank),
+                             eval_model=ema, sampler="fewstep"):
                 break
-            if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-                net = T.gathered(ema, rank)  # collective under FSDP2
-                if rank == 0:
-                    T.evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
-                               "fewstep")
-    pbar.close()
-    T.check_ranks_agree(dstudent, rank)
-    T.cleanup_dist()
+    T.finish_run(pbar, dstudent, rank)
 
 
 if __name__ == "__main__":

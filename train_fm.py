@@ -176,27 +176,15 @@ def main(cfg):
                 pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
                 t_last, tokens, rows, padded, logged = time.time(), 0, 0, 0, step
             pbar.update(1)
-            saving = step % cfg.save_every == 0 or step == cfg.steps
-            stop = T.preempted(caught, device)  # SIGTERM / SIGUSR1 on any rank: checkpoint this step and stop
-            if saving or stop:
-                T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)}, g, rank, cfg.keep_ckpts)
-            if saving:  # the exported folders too (not when preempted: the grace period is short)
-                if cfg.lora_rank:
-                    export_lora(cfg, dmodel, rank)
-                else:
-                    T.export(cfg.out, dmodel, ema, "teacher", rank)
-            if stop:
-                pbar.close()
-                T.report_preemption(cfg.out, step, caught, rank)
+            # checkpoint / export / validation eval; stop after a checkpoint if the scheduler sent SIGTERM
+            if T.end_of_step(cfg, step, caught, device, rank, pbar, meter,
+                             save=lambda: T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)},
+                                                            g, rank, cfg.keep_ckpts),
+                             export=lambda: export_lora(cfg, dmodel, rank) if cfg.lora_rank else
+                             T.export(cfg.out, dmodel, ema, "teacher", rank),
+                             eval_model=ema if ema is not None else dmodel, sampler="euler"):
                 break
-            if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-                net = T.gathered(ema if ema is not None else dmodel, rank)  # collective under FSDP2
-                if rank == 0:
-                    T.evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg,
-                               "euler")
-    pbar.close()
-    T.check_ranks_agree(dmodel, rank)
-    T.cleanup_dist()
+    T.finish_run(pbar, dmodel, rank)
 
 
 def export_lora(cfg, dmodel, rank):

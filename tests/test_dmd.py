@@ -156,6 +156,10 @@ def test_dmd_resume_is_bit_identical(tiny_pipeline, tmp_path, lora):
     assert all(torch.equal(a[k], v) for k, v in b.items())
     init = M.load_mmdit(os.path.join(tiny_pipeline, "transformer")).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)
+    # --grad_ckpt (the 20B recipe) recomputes the student's and the fake score's blocks: the same run
+    ckpt = run_dmd(tiny_pipeline, str(tmp_path / "c"), fake_lora_rank=lora, grad_ckpt=True)
+    flat = lambda ms: [m[k] for m in ms for k in ("loss", "fake_loss")]
+    assert len(ckpt) == len(whole) and flat(ckpt) == pytest.approx(flat(whole), rel=1e-5)
 
 
 def test_dmd_bad_flags_fail_before_any_work(tiny_pipeline, tmp_path):
