@@ -22,8 +22,8 @@ sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import train_common as T  # noqa: E402
 
-# ~300M parameters (1.1 GiB in fp32), 14 blocks of width 768; text width 64 = the tiny pipeline's text encoder
-BIG = M.MMDiTConfig(num_layers=14, attention_head_dim=128, num_attention_heads=6, joint_attention_dim=64,
+# ~260M parameters (0.96 GiB in fp32), 12 blocks of width 768; text width 64 = the tiny pipeline's text encoder
+BIG = M.MMDiTConfig(num_layers=12, attention_head_dim=128, num_attention_heads=6, joint_attention_dim=64,
                     axes_dims_rope=(16, 56, 56))
 GiB = 2**30
 
@@ -104,7 +104,7 @@ def test_fsdp_memory_per_rank_stays_near_the_sharded_state(tiny_pipeline, tmp_pa
           f"in GiB and in F ({time.time() - t0:.0f} s for both runs):")
     for name, mem in (("--init + 1 step + save + export", first), ("--resume + 1 step + save + export", second)):
         for rank, m in sorted(mem.items()):
-            phases = ", ".join(f"{k} {v / GiB:.2f} ({v / F:.2f}F)" for k, v in m.items() if k != "baseline")
+            phases = ", ".join(f"{k} {m[k] / GiB:.2f} ({m[k] / F:.2f}F, {m['seconds'][k]:.0f} s)" for k in m["seconds"])
             print(f"  {name}, rank {rank} (baseline {m['baseline'] / GiB:.2f} GiB): {phases}")
     # on a GPU node the training state lives on the devices; on this CPU it is host memory too, so it is the
     # floor here: weights, gradients, exp_avg, exp_avg_sq and EMA, each sharded over 2 ranks (2.5F; 2.0F outside
@@ -264,6 +264,8 @@ def _status(key):
 def _phase(mem, name):
     """Record the peak resident memory since the last phase boundary (above the baseline), then reset the peak."""
     mem[name] = max(mem.get(name, 0), _status("VmHWM") - mem["baseline"])
+    mem.setdefault("seconds", {})[name] = round(time.time() - mem.pop("t", time.time()), 1)
+    mem["t"] = time.time()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
 
@@ -290,7 +292,7 @@ def _probe():
         out = start_run(cfg)  # processes, the latent cache: before any model
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        mem["baseline"] = _status("VmRSS")
+        mem["baseline"], mem["t"] = _status("VmRSS"), time.time()
         return out
 
     T.start_run = started
@@ -298,6 +300,7 @@ def _probe():
     T.save_checkpoint = hook(save, before="step", after="save")
     T.export = hook(export, after="export")
     trainer.main(T.parse_config(trainer.Config))
+    mem.pop("t", None)
     sys.stdout.write("MEMORY " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **mem}) + "\n")  # one write
     sys.stdout.flush()
 
