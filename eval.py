@@ -27,8 +27,8 @@ Scores, each in [0, 1]:
   identity   head shape, skin and shirt colour, 1/3 each
   quality    fidelity × sharpness against the scene re-rendered at the found layout (seen items where
              recognised, the asked ones where not): the share of pixels within CLEAN of it, mapped from
-             [CLEAN_LO, CLEAN_HI] to [0, 1], times the mean |image gradient| relative to it (`sharpness`),
-             mapped from [SHARP_LO, SHARP_HI]. Calibrated on oracles: the VAE reconstruction and a Gaussian
+             [CLEAN_LO, CLEAN_HI] to [0, 1], times a sharpness credit from the equivalent Gaussian blur of
+             the output against it (`equivalent_blur`: 1 up to BLUR_OK px, 0 from BLUR_BAD px). Calibrated on oracles: the VAE reconstruction and a Gaussian
              blur of radius 1 keep it, radius 2 loses most of it (README).
   overall    sqrt(min(adherence, identity) · quality): the VIEScore combination MultiCom-Bench follows
   all_correct  every asked element, the identity and the background right, at quality >= 0.9 (a strict headline)

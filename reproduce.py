@@ -1,7 +1,7 @@
 r"""
 Rebuild the whole toy pipeline from nothing and print the results table — the method end to end:
 
-    python reproduce.py                  # ~2 h on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
+    python reproduce.py                  # 82 min on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
     python reproduce.py --quick          # the same models, judged on the quick bench subset (40 + 10 cases)
     python reproduce.py --tiny           # seconds: every stage at toy-of-toy size (what tests/test_reproduce.py runs)
 
@@ -10,7 +10,7 @@ continues with the same command):
   1. assets   python data.py --assets OUT/toy            tokenizer, frozen text encoder, VAE fitted on toy crops
   2. teacher  train_fm.py  --data toy:posed …            flow matching (Eq. 1), latent cache built on the way
   3. cm       train_cm.py  --init OUT/toy/transformer    consistency tuning (Eq. 11)
-  4. dmd      train_dmd.py --init OUT/toy/transformer_cm distribution matching (Eq. 12–13), teacher frozen
+  4. dmd      train_dmd.py --init OUT/toy/transformer_cm distribution matching (Eq. 12–14), teacher frozen
   5. eval     eval.py for each: teacher 50 Euler steps at CFG 2 (100 NFE), CM and DMD 8 few-step steps (8 NFE)
 Every trained model is exported in bf16 into the pipeline folder OUT/toy (transformer/, transformer_cm/,
 transformer_dmd/), the layout of the committed assets/toy, so `python sample.py --ckpt OUT/toy` samples it.
