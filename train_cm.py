@@ -166,9 +166,7 @@ def main(cfg):
         T.fill_shards(T.shard(model, device, cfg.bf16), [T.weight_tensors(cfg.init)], cfg.init)
         ema = T.sharded_copy(model, device, cfg.bf16)
         if cfg.guidance and cfg.guidance_from == "teacher":
-            teacher = T.meta_mmdit(cfg.init).requires_grad_(False).eval()
-            T.shard(teacher, device, cfg.bf16, frozen_dtype=torch.bfloat16 if cfg.bf16 else None)
-            T.fill_shards(teacher, [T.weight_tensors(cfg.init)], cfg.init)
+            teacher = T.sharded_teacher(cfg.init, device, cfg.bf16)
     else:
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         if cfg.guidance and cfg.guidance_from == "teacher":

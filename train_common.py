@@ -375,6 +375,16 @@ def sharded_copy(model, device, bf16=False):
     return copy_shards(shard(copy, device, bf16), model)
 
 
+def sharded_teacher(folder, device, bf16=False, lora=None, seed=0):
+    """A frozen MMDiT from `folder`, sharded like the trained one (stored in bf16 under --bf16), each rank reading
+    its own rows; lora = (rank, alpha) adds adapters first, its only trained part (DMD's LoRA fake score)."""
+    teacher = meta_mmdit(folder).requires_grad_(False).eval()
+    if lora:
+        M.add_lora(teacher, *lora)
+    shard(teacher, device, bf16, frozen_dtype=torch.bfloat16 if bf16 else None)
+    return fill_shards(teacher, [weight_tensors(folder)], folder, seed)
+
+
 def gathered(model, rank):
     """For the toy evaluation under FSDP2: a plain fp32 copy of a sharded model on rank 0 (None on the others;
     collective, and it holds the whole model: toy scale only). A plain model is returned as it is."""

@@ -180,11 +180,8 @@ def build_sharded(cfg, device):
     T.shard(student, device, cfg.bf16)
     T.fill_shards(student, [T.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
     ema = T.sharded_copy(student, device, cfg.bf16)
-    teacher = T.meta_mmdit(cfg.teacher).requires_grad_(False).eval()
-    if cfg.fake_lora_rank:
-        M.add_lora(teacher, cfg.fake_lora_rank, cfg.fake_lora_alpha)
-    T.shard(teacher, device, cfg.bf16, frozen_dtype=torch.bfloat16 if cfg.bf16 else None)
-    T.fill_shards(teacher, [T.weight_tensors(cfg.teacher)], cfg.teacher, cfg.seed)
+    lora = (cfg.fake_lora_rank, cfg.fake_lora_alpha) if cfg.fake_lora_rank else None
+    teacher = T.sharded_teacher(cfg.teacher, device, cfg.bf16, lora, cfg.seed)  # a LoRA fake score rides on it
     fake = teacher
     if not cfg.fake_lora_rank:
         fake = T.meta_mmdit(cfg.teacher)
