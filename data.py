@@ -53,7 +53,8 @@ import vae as V
 TOY_BUDGET = 128 * 128  # toy pixel budget: all references together, and the target on its own
 TOY_SIZE = (128, 128)  # default target (W, H): a 16×16 latent, 8×8 = 64 tokens after 2×2 packing
 OUT_SIZES = [(128, 128), (160, 96), (96, 160), (144, 112), (112, 144)]  # mixed-shape targets within the budget
-WORLD_VERSION = 2  # part of every latent-cache fingerprint: a changed world is never served from an old cache
+WORLD_VERSION = 3  # part of every latent-cache fingerprint: a changed world is never served from an old cache
+#   (v3: every edit's layout is drawn "posed", in training and in the bench alike)
 TRAIN_SEED = 0  # training worlds use seeds in [0, BENCH_SEED)
 BENCH_SEED = 1_000_000  # ToyCom-Bench draws from seeds >= BENCH_SEED: held out from training
 VAL_SEED = 2_000_000  # the validation split (training-time monitoring, recipe choices): held out, not the bench
@@ -292,7 +293,7 @@ def render_target(scene):
 @dataclass
 class WorldConfig:
     out_size: tuple = TOY_SIZE  # target (W, H); None: one of OUT_SIZES per sample
-    p_edit: float = 0.25  # share of single-image editing samples
+    p_edit: float = 0.4  # share of single-image editing samples (v3: 0.4, was 0.25; the bench fixes its own 200 + 100)
     min_inputs: int = 2  # composition: number of source images, the person included
     max_inputs: int = 6
     p_scene: float = 0.3  # chance that one composition source (of 3 or more) is a background scene
@@ -301,7 +302,8 @@ class WorldConfig:
     p_category_word: float = 0.7  # chance that it names the item's category ("the item from Image3" otherwise)
     p_sun: float = 0.7  # chance of a sun in the target's sky
     shuffle_sources: bool = False  # False: Image1 is the person, a scene comes last
-    layout: str = "free"  # how target layouts are drawn (LAYOUTS); the bench always uses "free"
+    layout: str = "free"  # how composition targets' layouts are drawn (LAYOUTS); the bench uses "free"
+    edit_layout: str = "posed"  # how an edit's scene is laid out (its source shows it; the target keeps it)
 
 
 BENCH_WORLD = WorldConfig(p_colour_word=0.0, p_category_word=0.4)  # ToyCom-Bench v2: the references are needed
@@ -347,8 +349,9 @@ class ToyWorld:
         if seed >= BENCH_SEED and not held_out:
             raise ValueError(f"seed {seed} is in the held-out ToyCom-Bench range (>= {BENCH_SEED})")
         self.seed, self.cfg = seed, cfg or WorldConfig()
-        if self.cfg.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.cfg.layout!r}; choose from {sorted(LAYOUTS)}")
+        for lay in (self.cfg.layout, self.cfg.edit_layout):
+            if lay not in LAYOUTS:
+                raise ValueError(f"unknown layout {lay!r}; choose from {sorted(LAYOUTS)}")
         if not 1 <= self.cfg.min_inputs - 1 <= self.cfg.max_inputs - 1 < MAX_IMAGES:
             raise ValueError(f"composition inputs {self.cfg.min_inputs}..{self.cfg.max_inputs} not within 2..6")
 
@@ -365,12 +368,13 @@ class ToyWorld:
             return rng.choice(GENERIC)
         return f"{item[1]} {item[0]}" if rng.random() < self.cfg.p_colour_word else item[0]
 
-    def layout(self, rng, size, items, background):
+    def layout(self, rng, size, items, background, grid=None):
         """What the inputs leave free in the target (ToyWorld v2), on an integer grid the judge can search:
         the person's scale and placement anywhere it fits, each hand's height (one shared height under a
-        two-handed item), the horizon and a sun somewhere in the sky. WorldConfig.layout picks how finely."""
+        two-handed item), the horizon and a sun somewhere in the sky. grid (default WorldConfig.layout) picks
+        how finely: a key of LAYOUTS."""
         W, H = size
-        g = LAYOUTS[self.cfg.layout]
+        g = LAYOUTS[grid or self.cfg.layout]
         step = g["step"]
         grid = lambda lo, hi: step * rng.randint(-(-lo // step), max(-(-lo // step), hi // step))  # in [lo, hi]
         scale = rng.choice(g["scales"])
@@ -442,11 +446,14 @@ class ToyWorld:
                 items[p] = [cat, rng.choice([c for c in COLOURS if c != colour])]
                 text = template.format(ref=ref, colour=items[p][1])
         text = text[0].upper() + text[1:]
-        # an edit keeps the input's placement, pose and background details; only a new background draws new ones
-        lay = self.layout(rng, size, items | before, new_bg)
+        # an edit keeps the input's placement, pose and background details; only a new background draws new ones.
+        # v3: edits are laid out "posed" (the person near the full frame, pose / horizon / sun free) in training and
+        # in the bench alike; the input fixes the layout, so the judge holds the output to it (eval.py)
+        lay = self.layout(rng, size, items | before, new_bg, cfg.edit_layout)
         src_lay = dict(lay)
         if op == "background":
-            src_lay |= {k: v for k, v in self.layout(rng, size, items | before, bg).items() if k in ("horizon", "sun")}
+            src_lay |= {k: v for k, v in self.layout(rng, size, items | before, bg, cfg.edit_layout).items()
+                        if k in ("horizon", "sun")}
         scale = rng.uniform(0.75, 1.5)
         src_lay = dict(src_lay, x=src_lay["x"] * scale, y=src_lay["y"] * scale, horizon=src_lay["horizon"] * scale,
                        sun=[v * scale for v in src_lay["sun"]] if src_lay["sun"] else None)
