@@ -77,7 +77,8 @@ class Config:
     lora_rank: int = 0  # > 0: train LoRA adapters only (merged into the exported folders)
     lora_alpha: float = 16.0  # LoRA scale alpha / rank
     fsdp: bool = False  # FSDP2 per block instead of DDP (for the 20B model)
-    bf16: bool = False  # bf16 autocast / FSDP2 bf16 params (GPU)
+    bf16: bool = False  # bf16 autocast (fp32 master weights) / FSDP2 bf16 params
+    compile: bool = False  # torch.compile each block (dynamic shapes; M.compile_blocks)
     grad_ckpt: bool = False  # activation checkpointing per block (memory for time)
     log_every: int = 10  # steps between metrics.jsonl lines
     save_every: int = 500  # steps between checkpoints and exported folders
@@ -106,6 +107,8 @@ def main(cfg):
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         model = M.MMDiT(M.PRESETS[cfg.preset]).init_weights()
     model.gradient_checkpointing = cfg.grad_ckpt
+    if cfg.compile:
+        M.compile_blocks(model)
     if cfg.lora_rank:
         M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     T.freeze_unused(model)
