@@ -1,5 +1,5 @@
 """
-ToyCom-Bench v2: MultiCom-Bench (paper §5.2, Table 2) on the toy world, with an exact programmatic judge.
+ToyCom-Bench v2.1: MultiCom-Bench (paper §5.2, Table 2) on the toy world, with an exact programmatic judge.
 
 The benchmark: 200 composition cases (100 with 2–3 input images, 100 with 4–6) plus 100 edits (add / remove /
 replace / recolour / background, 20 each) from the held-out seed BENCH_SEED, drawn with BENCH_WORLD: no
@@ -8,17 +8,24 @@ read. A validation split (VAL_SEED) is for training-time monitoring and recipe c
 reported results. Bench scenes that repeat a training scene are replaced. `--n 40 --n_edit 10` (the quick
 subset) is the first 20 / 20 / 10 cases of the full bench's groups.
 
-ToyWorld v2 targets have freedom the inputs do not fix (data.ToyWorld.layout: the person's placement and scale,
-the pose, the horizon and a sun), so the judge first finds them in the generated image, then judges everything
-relative to what it found — any valid draw scores fully, a 2-px shift keeps nearly full credit, an item in the
-wrong slot still fails:
+A composition's target has freedom the inputs do not fix (data.ToyWorld.layout: the person's placement and
+scale, the pose, the horizon and a sun), so the judge first finds them in the generated image, then judges
+everything relative to what it found — any valid draw scores fully, a 2-px shift keeps its credit, an item in the
+wrong slot still fails. An edit's input fixes its layout (only a new background's horizon and sun are free), so
+an edit is held to it (a shift of up to SHIFT px allowed):
   1. background: each scene's horizon (a row-profile fit) and sun (a box-filter peak) are fitted, and the scene
      whose render explains the most pixels is seen; a wrong (or unrecognised) background zeroes quality.
   2. placement: the expected scene's person, rendered at every scale of the world's grid, is slid over the image
-     (masked squared error for every integer shift at once, by FFT correlation); then each hand's height.
+     (masked squared error for every integer shift at once, by FFT correlation); then each hand's height; then
+     the horizon and the sun on full renders.
   3. identity (head shape, skin, shirt, 1/3 each) and items by nearest-neighbour classification of each region
      among exact renders of every candidate at the found layout (2×2-pooled mean squared error over the pixels
      where candidates differ); farther than TAU from all of them is "unrecognised".
+  4. (v2.1) quality region by region: a few-step sampler that has not chosen among valid layouts draws their
+     mean — a ghost arm, a blended horizon, a faint sun — sharp everywhere else. So cleanliness is judged in each
+     region the inputs leave free (the five item regions with the arms, the horizon band, the sky's worst
+     sun-sized window) as well as over the whole image, and the worst counts; a pixel is clean if it matches the
+     re-render, its toy-VAE round trip (the judge's ceiling) or its blur up to the output's own.
 Scores, each in [0, 1]:
   adherence  credit for what the instruction asks only: composition, each asked item at its slot with its
              category and colour; an edit, the one asked change (an item added / removed / replaced /
@@ -26,19 +33,26 @@ Scores, each in [0, 1]:
              penalties, never credit: adherence = correct / (asked + lost + spurious). The no-op edit scores 0.
   identity   head shape, skin and shirt colour, 1/3 each
   quality    fidelity × sharpness against the scene re-rendered at the found layout (seen items where
-             recognised, the asked ones where not): the share of pixels within CLEAN of it, mapped from
-             [CLEAN_LO, CLEAN_HI] to [0, 1], times a sharpness credit from the equivalent Gaussian blur of
-             the output against it (`equivalent_blur`: 1 up to BLUR_OK px, 0 from BLUR_BAD px). Calibrated on oracles: the VAE reconstruction and a Gaussian
-             blur of radius 1 keep it, radius 2 loses most of it (README).
+             recognised, the asked ones where not): the share of clean pixels in the worst of the whole image
+             and the free regions, mapped from [CLEAN_LO, CLEAN_HI] to [0, 1], times a sharpness credit from the
+             equivalent Gaussian blur of the output against it (`equivalent_blur`: 1 up to BLUR_OK px, 0 from
+             BLUR_BAD px). Calibrated on oracles (README): the VAE round trip and a Gaussian blur of radius 1 keep
+             it; radius 2, a one-arm ghost and the mean of 2 valid draws lose it.
   overall    sqrt(min(adherence, identity) · quality): the VIEScore combination MultiCom-Bench follows
   all_correct  every asked element, the identity and the background right, at quality >= 0.9 (a strict headline)
   psnr       to the re-rendered scene, reported beside (not in overall)
 
-    python eval.py --oracle exact        # judge sanity: exact / vae / blank / noise / shuffled / text_only / ...
+Distribution (`--coverage K`): each of the first compositions sampled with K seeds; precision = share of samples
+valid and sharp, coverage = distinct layouts among a case's valid samples over min(K, what the training world
+offers) — a sampler collapsed to one answer covers 1/K, a blurred mean of answers has precision 0.
+
+    python eval.py --oracle exact        # judge sanity: exact / vae / mean2 / ghost / blank / noise / text_only / ...
     python eval.py --transformer assets/toy/transformer --steps 50 --cfg 2    # a model, through sample.py
+    python eval.py --transformer assets/toy/transformer_dmd --steps 8 --coverage 4    # plus precision / coverage
 
 API: judge(image, scene) -> dict; toycom_cases(n, n_edit, split) -> [case]; evaluate(generate_fn, cases,
-out_dir) -> table, where generate_fn(list of cases) -> list of PIL images (e.g. the sampler); format_table(table).
+out_dir) -> table, where generate_fn(list of cases) -> list of PIL images (e.g. the sampler); format_table(table);
+precision_coverage(make_generate, cases, k).
 """
 import argparse
 import functools
@@ -58,19 +72,25 @@ import pack
 import sample
 import vae as V
 from data import (BENCH_SEED, BENCH_WORLD, BOTH_HAND_YS, CATEGORIES, CATS_AT, COLOURS, EDIT_OPS, HAND_Y, HAND_YS, HEADS,
-                  POSITIONS, SCALES, SCENES, SHIRTS, SKINS, SUN, SUN_R, TRAIN_SEED, VAL_SEED, ToyWorld, draw_background,
-                  draw_scene, hand_centres, paint_item, paint_person, render_target, scene_key, transform)
+                  HORIZON, POSITIONS, SCALES, SCENES, SHIRTS, SKINS, SUN, SUN_R, TRAIN_SEED, VAL_SEED, ToyWorld,
+                  WorldConfig, draw_background, draw_scene, hand_centres, paint_item, paint_person, render_target,
+                  scene_key, transform)
 
 TAU = 0.03  # a region is recognised only within this mean squared error (RGB in [0, 1], 2×2-pooled) of its
 #             nearest candidate: below the 1/48 of 2×2-pooled uniform noise; calibrated on the VAE reconstruction
 #             (every generated image passes through the decoder): 0.02 lost faces it still shows (ceiling 0.92)
-CLEAN = 0.1  # a pixel is clean within this max-channel error of the re-rendered scene
-CLEAN_LO, CLEAN_HI = 0.55, 0.75  # clean share -> fidelity 0 .. 1 (VAE ceiling ~0.88, blur r=2 ~0.78)
+CLEAN = 0.1  # a pixel is clean within this max-channel error of the re-rendered scene, of its VAE round trip (the
+#             judge's ceiling: what the pipeline can show) or of that render blurred by the output's equivalent blur
+#             or any radius of BLURS up to 0.5 px above it (softness is the sharpness credit's to judge, not a ghost)
+CLEAN_LO, CLEAN_HI = 0.80, 0.95  # clean share -> fidelity 0 .. 1, for the whole image and for each free region on
+#                                  its own; the worst counts (v2.1: a ghost arm or a blended horizon fails locally)
+JUDGE_VAE = os.path.join(sample.TOY_CKPT, "vae")  # the toy VAE whose round trip of the re-render is the ceiling
 BLUR_OK, BLUR_BAD = 1.25, 1.75  # equivalent Gaussian blur (px) -> sharpness credit 1 .. 0 (Gaussian blur of radius 1
 #                                 keeps all of it, radius 2 none; the VAE reconstruction ~0.5)
 BLURS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]  # the Gaussian radii tried by equivalent_blur
 BG_MIN = 0.2  # a background is recognised if its render explains at least this share of the pixels
 PAD = 4  # the placement search reaches this many pixels past each edge of the canvas
+SHIFT = 3  # an edit must keep its input's layout: its placement is searched only this many pixels around it
 # judged regions in canonical 128-px coordinates, relative to the layout; hand regions around each hand's
 # centre. Disjoint for every pose the world draws (tested), so each candidate is one item over one base render.
 REGIONS = {"head": (38, 0, 94, 28), "torso": (46, 54, 82, 92), "feet": (34, 95, 94, 128)}
@@ -139,10 +159,10 @@ def fit_background(g, size):
             cost = np.concatenate([[0], np.cumsum(ground)]) + np.concatenate([np.cumsum(sky[::-1])[::-1], [0]])
             horizon = int(cost.argmin())
         sun, r = None, math.ceil(SUN_R * min(size))
-        lit = _maxdiff(g, SUN) <= 40
-        lit[horizon if bottom else H:] = False
-        if lit.sum() >= 0.3 * math.pi * r * r:  # the box of the disk's size holding the most sun-coloured pixels
-            ii = np.pad(lit.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        lit = np.clip(1 - _maxdiff(g, SUN) / 80, 0, 1)  # soft: a blurred or half-hidden sun still shows
+        lit[horizon if bottom else H:] = 0
+        if lit.sum() >= 0.05 * math.pi * r * r:  # the box of the disk's size holding the most sun-coloured pixels
+            ii = np.pad(lit.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # (a candidate: fit_layout keeps it if it fits)
             k = 2 * r + 1
             box = ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k]  # [H - k + 1, W - k + 1]
             y, x = np.unravel_index(int(box.argmax()), box.shape)
@@ -195,11 +215,12 @@ def _person_layer(size, scale, person, items, hands):
     return a, (a != KEY).any(-1).astype(np.float64)
 
 
-def fit_placement(fits, size, person, items, hands, scales=SCALES):
+def fit_placement(fits, size, person, items, hands, scales=SCALES, near=None):
     """(error, (x, y, scale)) minimising the squared error between g and the background with the expected person
     and items pasted at (x, y): for each scale, Σ_mask[(g − T)² − (g − B)²] = Σ_mask[T²] − 2·corr(G, mask·T)
     − corr(B², mask) + 2·corr(G·B, mask) for every integer shift at once (the g² terms cancel), searched PAD pixels
-    past each edge. fits = _placement_fits(g, bg_img): the image transforms, computed once."""
+    past each edge, or within SHIFT pixels of near = (x, y). fits = _placement_fits(g, bg_img): the image
+    transforms, computed once."""
     corr, FG, FBB, FGB = fits
     best = (np.inf, None)
     for scale in scales:
@@ -207,6 +228,11 @@ def fit_placement(fits, size, person, items, hands, scales=SCALES):
         if T.shape[0] > corr.H or T.shape[1] > corr.W:
             continue
         e = (m[..., None] * T * T).sum() - 2 * corr(FG, m[..., None] * T) - corr(FBB, m) + 2 * corr(FGB, m)
+        if near is not None:  # only shifts within SHIFT px of the given placement
+            keep = np.full(e.shape, np.inf)
+            (x0, y0), r = (round(near[0]) + PAD, round(near[1]) + PAD), SHIFT
+            keep[max(0, y0 - r):y0 + r + 1, max(0, x0 - r):x0 + r + 1] = 0
+            e = e + keep
         v, u = np.unravel_index(int(e.argmin()), e.shape)
         if e[v, u] < best[0]:
             best = (float(e[v, u]), (int(u) - PAD, int(v) - PAD, scale))
@@ -220,29 +246,43 @@ def _placement_fits(g, bg_img):
     return corr, corr.fft(G), corr.fft((B * B).sum(-1)), corr.fft((G * B).sum(-1))
 
 
-def fit_layout(g, size, bg, details, person, items):
+def fit_layout(g, size, bg, details, person, items, given=None, fixed_details=False):
     """The placement, scale and pose of the expected person and items in g (fit_placement at the default pose,
-    then each hand's height in turn, the placement refitted for every candidate), then the sun's exact centre."""
+    then each hand's height in turn, the placement refitted for every candidate), then the sun's exact centre.
+    given: the layout an edit's input fixes; then only a shift of up to SHIFT px is searched (scale and pose kept).
+    fixed_details: the horizon and sun are given too (an edit that keeps its background), not refined."""
     fits = _placement_fits(g, draw_background(size, bg, details)[0])
-    hands = [HAND_Y, HAND_Y]
-    e, (x, y, scale) = fit_placement(fits, size, person, items, hands)
-    options = ([[[h, h] for h in BOTH_HAND_YS]] if "both_hands" in items else
-               [[[h, None] for h in HAND_YS], [[None, h] for h in HAND_YS]])
-    for option in options:  # each hand's height at the scale found, then the scale again
-        for cand in option:
-            cand = [c if c is not None else hands[j] for j, c in enumerate(cand)]
-            ec, fit = fit_placement(fits, size, person, items, cand, [scale])
-            if ec < e:
-                e, (x, y, scale), hands = ec, fit, cand
-    k = SCALES.index(scale)
-    e, (x, y, scale) = fit_placement(fits, size, person, items, hands, SCALES[max(0, k - 1):k + 2])
+    if given is not None:
+        hands = list(given["hands"])
+        e, (x, y, scale) = fit_placement(fits, size, person, items, hands, [given["scale"]], (given["x"], given["y"]))
+    else:
+        hands = [HAND_Y, HAND_Y]
+        e, (x, y, scale) = fit_placement(fits, size, person, items, hands)
+        options = ([[[h, h] for h in BOTH_HAND_YS]] if "both_hands" in items else
+                   [[[h, None] for h in HAND_YS], [[None, h] for h in HAND_YS]])
+        for option in options:  # each hand's height at the scale found, then the scale again
+            for cand in option:
+                cand = [c if c is not None else hands[j] for j, c in enumerate(cand)]
+                ec, fit = fit_placement(fits, size, person, items, cand, [scale])
+                if ec < e:
+                    e, (x, y, scale), hands = ec, fit, cand
+        k = SCALES.index(scale)
+        e, (x, y, scale) = fit_placement(fits, size, person, items, hands, SCALES[max(0, k - 1):k + 2])
     lay = dict(details, x=x, y=y, scale=scale, hands=hands)
-    if lay["sun"]:  # the box-filter peak moves where the person hides part of the sun: refine on full renders
-        gf, (sx, sy) = g.astype(np.float32), lay["sun"]
+    if fixed_details:  # the input's horizon and sun, moved with the placement found
+        dx, dy = x - given["x"], y - given["y"]
+        return dict(lay, horizon=lay["horizon"] + dy, sun=[lay["sun"][0] + dx, lay["sun"][1] + dy] if lay["sun"] else None)
+    gf = g.astype(np.float32)
 
-        def err(sun):
-            return float(((np.asarray(draw_scene(size, bg, person, items, dict(lay, sun=sun)), np.float32) - gf) ** 2).sum())
-        lay["sun"] = min(([sx + i, sy + j] for i in range(-4, 5) for j in range(-4, 5)), key=err)
+    def err(**change):
+        return float(((np.asarray(draw_scene(size, bg, person, items, dict(lay, **change)), np.float32) - gf) ** 2).sum())
+    if SCENES[bg][1]:  # the row profile can miss the horizon by a row where the person covers it: refine on renders
+        lay["horizon"] = min(range(max(0, lay["horizon"] - 2), min(size[1], lay["horizon"] + 2) + 1),
+                             key=lambda h: err(horizon=h))
+    if lay["sun"]:  # the box-filter peak moves where the person hides part of the sun: coarse, then fine (whether
+        sx, sy = lay["sun"]  # a sun there fits better than none is the judge's to decide, on quality)
+        sx, sy = min(([sx + i, sy + j] for i in range(-8, 9, 2) for j in range(-8, 9, 2)), key=lambda p: err(sun=p))
+        lay["sun"] = min([[sx + i, sy + j] for i in range(-1, 2) for j in range(-1, 2)], key=lambda p: err(sun=p))
     return lay
 
 
@@ -259,6 +299,77 @@ def equivalent_blur(g, t_img):
             step = BLURS[k] - BLURS[k - 1]
             return float(BLURS[k] + step * 0.5 * (e[k - 1] - e[k + 1]) / den)
     return BLURS[k]
+
+
+@functools.lru_cache(maxsize=1)
+def _judge_vae():
+    return V.load_vae(JUDGE_VAE).float().eval()
+
+
+@torch.no_grad()
+def vae_round_trip(img):
+    """The toy VAE's reconstruction of a PIL image as float [H, W, 3] in 0..255: what the pipeline can represent."""
+    x = _judge_vae().decode(_judge_vae().encode(pack.image_to_tensor(img)[None]))[0]
+    return np.asarray(pack.tensor_to_image(x), np.float32)
+
+
+def _fidelity(gf, t_img, lay, tf, box, ground):
+    """(t_img, clean shares, worst region, equivalent blur) of g [H, W, 3] float against the re-render t_img at layout
+    lay. A pixel is clean within CLEAN of any reference — the render, its VAE round trip, its blurs up to the
+    output's own plus 0.5 px — each allowed a one-pixel shift (the VAE moves a small disk's centre by a pixel)."""
+    H, W = gf.shape[:2]
+    blur = equivalent_blur(gf, t_img)
+    refs = [np.asarray(t_img, np.float32), vae_round_trip(t_img)] + [
+        np.asarray(t_img.filter(ImageFilter.GaussianBlur(r)), np.float32) for r in [blur] + [r for r in BLURS if 0 < r <= blur + 0.5]]
+    err = np.full((H, W), np.inf, dtype=np.float32)
+    for r in refs:
+        rp = np.pad(r, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        for dy in range(3):
+            for dx in range(3):
+                err = np.minimum(err, np.abs(gf - rp[dy:dy + H, dx:dx + W]).max(-1))
+    shares = clean_shares(err <= 255 * CLEAN, t_img.size, lay, tf, box, ground)
+    return t_img, shares, min(shares, key=shares.get), blur
+
+
+def _sky_windows(px, size):
+    """Sums of px [H, W] over every sun-sized window of the upper half (where the world puts a sun), and k."""
+    k = 2 * math.ceil(SUN_R * min(size)) + 1
+    sky = px[: max(k, size[1] // 2 + k // 2)].astype(np.float64)
+    ii = np.pad(sky.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k], k
+
+
+def _sun_guess(gf, t_none, sky_img, size, bare_only):
+    """The centre of the sun-sized window of the sky that the sunless render t_none explains least; bare_only: over
+    the pixels where it shows the bare background sky_img, 2 px away from anything else (the VAE's halo around the
+    person), else over all (a sun half hidden behind the head)."""
+    t = np.asarray(t_none, np.float32)
+    err = np.abs(gf - t).max(-1)
+    if bare_only:
+        bare = np.pad((t == np.asarray(sky_img, np.float32)).all(-1), 2, constant_values=True)
+        H, W = err.shape
+        err = err * np.min([bare[dy:dy + H, dx:dx + W] for dy in range(5) for dx in range(5)], 0)
+    box, k = _sky_windows(err, size)
+    y, x = np.unravel_index(int(box.argmax()), box.shape)
+    return [int(x) + k // 2, int(y) + k // 2]
+
+
+def clean_shares(clean_px, size, lay, tf, box, ground):
+    """The share of clean pixels in the whole image and in each region whose content the inputs leave free, each on
+    its own: the five item regions (the hand regions hold the arm too), the band of rows the horizon may take (scenes
+    with a ground) and the sky's worst sun-sized window (a faint or missing sun). A ghost arm, a blended horizon or
+    a half-transparent sun is a few percent of the image but most of its own region."""
+    W, H = size
+    shares = {"image": float(clean_px.mean())}
+    for r, b in box.items():
+        px = _crop(clean_px, b, tf)
+        if px.size:
+            shares[r] = float(px.mean())
+    if ground:
+        shares["horizon"] = float(clean_px[math.floor(HORIZON[0] * H) - 2: math.ceil(HORIZON[1] * H) + 2].mean())
+    box, k = _sky_windows(clean_px, size)
+    shares["sun"] = float(box.min()) / (k * k)
+    return shares
 
 
 def _grad(x):  # mean |image gradient| of [H, W, 3]
@@ -280,12 +391,16 @@ def judge(image, scene):
     img = pack.to_rgb(image)
     g = np.asarray(img if img.size == size else img.resize(size, Image.BICUBIC))
 
-    # 1. background and its details
+    # 1. background and its details (an edit keeps its input's, unless it changes the background)
     seen_bg, details, _ = fit_background(g, size)
     bg_ok = seen_bg == bg
     details = details or dict(horizon=round(0.62 * size[1]), sun=None)
+    given = scene["layout"] if scene["kind"] == "edit" else None  # an edit's input fixes its layout
+    fixed = given is not None and scene["op"] != "background"
+    if fixed:
+        details = dict(horizon=given["horizon"], sun=given["sun"])
     # 2. placement, scale and pose of the expected person, on the background seen (or the expected one)
-    lay = fit_layout(g, size, seen_bg or bg, details, person, items)
+    lay = fit_layout(g, size, seen_bg or bg, details, person, items, given, fixed)
     tf, box = transform(size, lay), regions(lay["hands"])
 
     def render(bg=seen_bg or bg, person=person, items=items):
@@ -340,17 +455,36 @@ def judge(image, scene):
         c = got[r] if got[r] != "unrecognised" else expect[r]
         if c:
             shown[c[0]] = list(c[1:])
-    t_img = draw_scene(size, seen_bg or bg, seen_person, shown, lay)
-    t, gf = np.asarray(t_img, np.float32), g.astype(np.float32)
-    clean = float((np.abs(gf - t).max(-1) <= 255 * CLEAN).mean())
-    blur, sharpness = equivalent_blur(g, t_img), _grad(gf) / max(_grad(t), 1e-6)
-    quality = _ramp(clean, CLEAN_LO, CLEAN_HI) * _ramp(-blur, -BLUR_BAD, -BLUR_OK) if bg_ok else 0.0
+    gf, ground = g.astype(np.float32), SCENES[seen_bg or bg][1] is not None
+    render = lambda o: draw_scene(size, seen_bg or bg, seen_person, shown, o)
+    # a free sun the judge is unsure of (faint or off-colour after the VAE, half hidden) is judged several ways — at
+    # the position fitted, absent, at the sky's least-explained sun-sized spot (over the bare sky, then anywhere) —
+    # until one leaves the image fully clean; the best one stands
+    options = [lay]
+    if not fixed:
+        none = dict(lay, sun=None)
+        t_none, sky = render(none), draw_background(size, seen_bg or bg, none)[0]
+        options += [none] + [dict(lay, sun=_sun_guess(gf, t_none, sky, size, bare)) for bare in (True, False)]
+    best, tried = None, []
+    for o in options:
+        if o["sun"] in tried:
+            continue
+        tried.append(o["sun"])
+        t_img, shares, worst, blur = _fidelity(gf, render(o), o, tf, box, ground)
+        if best is None or shares[worst] > best[2][best[3]]:
+            best = (o, t_img, shares, worst, blur)
+        if shares[worst] >= CLEAN_HI:
+            break
+    lay, t_img, shares, worst, blur = best
+    t = np.asarray(t_img, np.float32)
+    sharpness = _grad(gf) / max(_grad(t), 1e-6)
+    quality = _ramp(shares[worst], CLEAN_LO, CLEAN_HI) * _ramp(-blur, -BLUR_BAD, -BLUR_OK) if bg_ok else 0.0
     psnr = 10 * math.log10(255 ** 2 / max(float(((gf - t) ** 2).mean()), 255 ** 2 * 1e-10))  # at most 100 dB
     overall = math.sqrt(min(adherence, identity) * quality)
     all_correct = float(adherence == 1 and identity == 1 and bg_ok and quality >= 0.9)
     return dict(adherence=adherence, identity=identity, quality=quality, sharpness=sharpness, blur=blur, psnr=psnr,
-                overall=overall, all_correct=all_correct, items=credit, lost=lost, spurious=spurious,
-                layout=lay, background=seen_bg)
+                overall=overall, all_correct=all_correct, clean=shares["image"], worst=worst,
+                worst_clean=shares[worst], items=credit, lost=lost, spurious=spurious, layout=lay, background=seen_bg)
 
 
 # -----------------------------------------------------------------------------
@@ -416,7 +550,7 @@ def format_table(table):
     for name, part in table.items():
         if not isinstance(part, dict) or "overall" not in part:
             continue
-        lines.append(f"{'ToyCom-Bench v2 ' + name:<26}" + "".join(f"{g:>16}" for g in part))
+        lines.append(f"{'ToyCom-Bench v2.1 ' + name:<26}" + "".join(f"{g:>16}" for g in part))
         for m in METRICS:
             lines.append(f"{m:<26}" + "".join(f"{v[m]:>9.3f} ±{v[m + '_se']:.3f}" if m != "psnr" else
                                               f"{v[m]:>10.2f} ±{v[m + '_se']:.2f}" for v in part.values()))
@@ -465,15 +599,36 @@ def evaluate(generate_fn, cases, out_dir=None, batch_size=16, n_grid=8):
     return table
 
 
-ORACLES = ["exact", "redraw", "mean16", "shift2", "blur1", "blur2", "blank", "noise", "shuffled", "person", "refs_mean",
-           "refs_pasted", "text_only", "noop"]
+ORACLES = ["exact", "redraw", "redraw_posed", "mean2", "mean4", "mean16", "ghost", "shift2", "blur1", "blur2", "blank",
+           "noise", "shuffled", "person", "refs_mean", "refs_pasted", "text_only", "noop"]
 
 
-def _redraw(case, k):
-    """Another valid draw of the case's target: same scene, the k-th other layout (placement, pose, details)."""
+def _redraw(case, k, grid="free", free_only=False):
+    """The case's scene at the k-th other layout drawn on the world's grid ("free" or "posed": placement, pose,
+    details): another valid target of a composition, a wrong one for an edit. free_only: an edit keeps what its
+    input fixes and redraws only what it leaves free (a new background's horizon and sun)."""
     sc = case["scene"]
     rng = random.Random(f"redraw/{case['index']}/{k}")
-    return render_target(dict(sc, layout=ToyWorld(TRAIN_SEED).layout(rng, sc["size"], sc["items"], sc["background"])))
+    lay = ToyWorld(TRAIN_SEED, WorldConfig(layout=grid)).layout(rng, sc["size"], sc["items"], sc["background"])
+    if free_only and sc["kind"] == "edit":
+        lay = dict(sc["layout"], **({k: lay[k] for k in ("horizon", "sun")} if sc["op"] == "background" else {}))
+    return render_target(dict(sc, layout=lay))
+
+
+def _pixel_mean(images):
+    return Image.fromarray(np.mean([np.asarray(im, dtype=np.float32) for im in images], 0).round().astype(np.uint8))
+
+
+def _ghost(case):
+    """The exact target with one arm at two heights, half opacity each: what a few-step sampler that has not chosen
+    a pose draws (both arms, under a two-handed item that holds them level)."""
+    sc = case["scene"]
+    h = sc["layout"]["hands"]
+    if "both_hands" in sc["items"]:
+        other = [h[0] + 4 if h[0] + 4 <= BOTH_HAND_YS[-1] else h[0] - 4] * 2
+    else:
+        other = [h[0] + 6 if h[0] + 6 <= HAND_YS[-1] else h[0] - 6, h[1]]
+    return _pixel_mean([case["output_image"], render_target(dict(sc, layout=dict(sc["layout"], hands=other)))])
 
 
 def _text_only(case, rng):
@@ -502,10 +657,12 @@ def _pasted(case, rng):
 
 
 def oracle(name, cases):
-    """A generate_fn for judge sanity (README table): valid outputs (exact, another valid draw "redraw", a 2-px
-    shift, Gaussian blur of radius 1), and generators that must fail (the mean of 16 valid draws, blur radius 2,
-    blank, noise, another case's target, the person alone, the pixel mean of the references, the references pasted
-    anywhere, items drawn from the instruction alone, the input copied back as an edit)."""
+    """A generate_fn for judge sanity (README table): valid outputs (exact, a 2-px shift, Gaussian blur of radius 1,
+    and for a composition another valid draw, free or posed: "redraw", "redraw_posed"), and generators that must
+    fail (an edit redrawn at another layout; the pixel mean of 2, 4 or 16 draws of the training world's layouts and
+    a one-arm ghost: a collapsed few-step sample; blur radius 2, blank, noise, another case's target, the person
+    alone, the pixel mean of the references, the references pasted anywhere, items drawn from the instruction alone,
+    the input copied back as an edit)."""
     if name not in ORACLES:
         raise ValueError(f"unknown oracle {name!r}, expected one of {', '.join(ORACLES)}")
 
@@ -513,11 +670,12 @@ def oracle(name, cases):
         size, rng = tuple(c["scene"]["size"]), random.Random(f"{name}/{c['index']}")
         if name == "exact":
             return c["output_image"]
-        if name == "redraw":
-            return _redraw(c, 0)
-        if name == "mean16":
-            return Image.fromarray(np.mean([np.asarray(_redraw(c, k), dtype=np.float32) for k in range(16)], 0)
-                                   .round().astype(np.uint8))
+        if name in ("redraw", "redraw_posed"):
+            return _redraw(c, 0, "posed" if name == "redraw_posed" else "free")
+        if name in ("mean2", "mean4", "mean16"):  # the pixel mean of k draws of the training world (toy:posed)
+            return _pixel_mean([_redraw(c, k, "posed", free_only=True) for k in range(int(name[4:]))])
+        if name == "ghost":
+            return _ghost(c)
         if name == "shift2":  # two pixels right, the uncovered column repeated
             a = np.asarray(c["output_image"])
             return Image.fromarray(np.concatenate([a[:, :1]] * 2 + [a[:, :-2]], 1))
@@ -532,8 +690,7 @@ def oracle(name, cases):
         if name in ("person", "noop"):  # the first input: the person alone, or (editing) the unedited image
             return c["input_images"][0].resize(size, Image.BICUBIC)
         if name == "refs_mean":
-            return Image.fromarray(np.mean([np.asarray(im.resize(size), dtype=np.float32) for im in c["input_images"]], 0)
-                                   .round().astype(np.uint8))
+            return _pixel_mean([im.resize(size) for im in c["input_images"]])
         if name == "refs_pasted":
             return _pasted(c, rng)
         return _text_only(c, rng) if c["scene"]["kind"] == "compose" else c["input_images"][0].resize(size)
@@ -567,24 +724,48 @@ def vae_generate(vae):
     return generate
 
 
-def diversity(make_generate, cases, k=8, valid=0.5):
-    """How many distinct valid placements a sampler draws for one case: each case sampled with k seeds
-    (make_generate(seed) -> generate_fn), the judge's found layout of every output scoring overall >= valid
-    binned to 4 px and the scale grid; returns the mean number of distinct bins per case divided by k (1.0: every
-    seed a different valid placement; 1/k: one placement, or none valid) and the share of valid outputs."""
-    per_case = [[] for _ in cases]
+VALID_Q = 0.5  # a sample counts as valid in precision / coverage: everything right (asked items, identity,
+#               background) at quality >= this
+
+
+def layout_key(lay):
+    """A layout binned to what a person tells apart: placement to 4 px and the scale, each hand's height, the
+    horizon to 8 px, the sun's presence and its place to 16 px."""
+    sun = None if not lay.get("sun") else (round(lay["sun"][0]) // 16, round(lay["sun"][1]) // 16)
+    return (round(lay["x"]) // 4, round(lay["y"]) // 4, lay["scale"], tuple(lay["hands"]), round(lay["horizon"]) // 8,
+            sun)
+
+
+def offered(case, draws=64):
+    """How many distinct layouts (layout_key) the training world (toy:posed) offers this composition."""
+    sc, world = case["scene"], ToyWorld(TRAIN_SEED, WorldConfig(layout="posed"))
+    return len({layout_key(world.layout(random.Random(f"offered/{k}"), sc["size"], sc["items"], sc["background"]),
+                           ) for k in range(draws)})
+
+
+def precision_coverage(make_generate, cases, k=4):
+    """The distribution a sampler draws for each composition, sampled with k seeds (make_generate(seed) ->
+    generate_fn): precision, the share of samples that are valid and sharp (every asked item, the identity and the
+    background right at quality >= VALID_Q); coverage, the distinct layouts (layout_key: pose, horizon, sun,
+    placement) among a case's valid samples over min(k, the number the training world offers), averaged over
+    cases. A sampler collapsed to one answer per case has coverage 1/k; a blurred mean of answers, precision 0."""
+    keys = [[] for _ in cases]
+    n_valid = 0
     for seed in range(k):
         for j, (im, c) in enumerate(zip(make_generate(seed)(cases), cases)):
             s = judge(im, c["scene"])
-            if s["overall"] >= valid:
-                per_case[j].append((s["layout"]["x"] // 4, s["layout"]["y"] // 4, s["layout"]["scale"]))
-    distinct = [len(set(p)) for p in per_case]
-    return dict(diversity=float(np.mean(distinct)) / k, valid=float(np.mean([len(p) for p in per_case])) / k, k=k,
-                n=len(cases))
+            if s["adherence"] == 1 and s["identity"] == 1 and s["background"] == c["scene"]["background"] \
+                    and s["quality"] >= VALID_Q:
+                n_valid += 1
+                keys[j].append(layout_key(s["layout"]))
+    cover = [len(set(ks)) / min(k, offered(c)) for ks, c in zip(keys, cases)]
+    return dict(precision=n_valid / (k * len(cases)), coverage=float(np.mean(cover)),
+                coverage_se=float(np.std(cover, ddof=1) / math.sqrt(len(cases))) if len(cases) > 1 else 0.0,
+                k=k, n=len(cases))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="ToyCom-Bench v2: judge generated images on the held-out toy benchmark.",
+    p = argparse.ArgumentParser(description="ToyCom-Bench v2.1: judge generated images on the held-out toy benchmark.",
                                 formatter_class=sample.HelpFormatter)
     p.add_argument("--transformer", help="judge this transformer folder, sampled with sample.py in CKPT's pipeline "
                    "(default: none; an oracle is judged)")
@@ -594,8 +775,9 @@ def main(argv=None):
     p.add_argument("--split", choices=["bench", "val"], default="bench", help="val: for recipe choices; bench: results")
     p.add_argument("--n", type=int, default=200, help="composition cases (half 2-3, half 4-6 inputs)")
     p.add_argument("--n_edit", type=int, default=100, help="editing cases")
-    p.add_argument("--diversity", type=int, default=0, help="also sample the first 20 composition cases with this "
-                   "many seeds and report distinct valid placements (model only)")
+    p.add_argument("--coverage", type=int, default=0, help="K > 0: also sample the first --coverage_cases compositions "
+                   "with K seeds each and report precision and coverage (model only)")
+    p.add_argument("--coverage_cases", type=int, default=40, help="compositions for --coverage")
     p.add_argument("--out", default="out/eval", help="folder for table.json, scores.jsonl and grid.png")
     args = p.parse_args(argv)
     cases = toycom_cases(args.n, args.n_edit, args.split)
@@ -615,11 +797,11 @@ def main(argv=None):
     table = evaluate(generate_fn, cases, args.out)
     print(format_table(table))
     print(f"generation: {table['seconds_per_case']:.3f} s per case (batches of 16, this machine)")
-    if args.diversity and args.transformer:
-        comp = [c for c in cases if c["scene"]["kind"] == "compose"][:20]
-        table["diversity"] = diversity(lambda s: model_generate(pipe, args.steps, args.cfg, args.sampler, s), comp,
-                                       args.diversity)
-        print(f"diversity: {table['diversity']}")
+    if args.coverage and args.transformer:
+        comp = [c for c in cases if c["scene"]["kind"] == "compose"][:args.coverage_cases]
+        table["distribution"] = precision_coverage(lambda s: model_generate(pipe, args.steps, args.cfg, args.sampler, s),
+                                                   comp, args.coverage)
+        print(f"precision / coverage: {table['distribution']}")
         with open(os.path.join(args.out, "table.json"), "w") as f:
             json.dump(table, f, indent=1)
     print(f"wrote {args.out}/table.json, scores.jsonl, grid.png")

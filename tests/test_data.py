@@ -217,3 +217,33 @@ def test_instruction_corpus():
     assert len(set(corpus)) > 1500
     text = " ".join(corpus)
     assert all(w in text for w in list(COLOURS) + list(CATEGORIES) + ["Image1", "Image6"])
+
+
+def test_training_edits_and_bench_edits_are_one_distribution():
+    """World v3: the bench's edits are held-out seeds of the edits the toy teachers train on (toy:posed), not a
+    different layout distribution: the person near the full frame at one scale, the pose, horizon and sun on the
+    posed grid, the same ops, item counts and source rescaling. (Compositions differ on purpose: trained posed,
+    judged on any valid layout.)"""
+    from data import BENCH_WORLD, HAND_YS, LAYOUTS, toy_world_config
+    train = ToyWorld(0, toy_world_config("toy:posed"))
+    bench = ToyWorld(BENCH_SEED, BENCH_WORLD, held_out=True)
+    n = 300
+    edits = {name: [w.scene(i, kind="edit") for i in range(n)] for name, w in (("train", train), ("bench", bench))}
+    posed = LAYOUTS["posed"]
+
+    def summary(scenes):
+        lays = [s["layout"] for s in scenes]
+        W = [s["size"][0] for s in scenes]
+        side = [np.ceil(l["scale"] * min(s["size"])) for l, s in zip(lays, scenes)]
+        return dict(scales={l["scale"] for l in lays}, centred=all(l["x"] == (w - d) // 2 for l, w, d in zip(lays, W, side)),
+                    hands={h for l in lays for h in l["hands"]}, horizon_grid=all(l["horizon"] % 8 == 0 for l in lays),
+                    ops=Counter(s["op"] for s in scenes), sun=np.mean([l["sun"] is not None for l in lays]),
+                    items=np.mean([len(s["sources"][0]["items"]) for s in scenes]),
+                    rescale=np.mean([s["sources"][0]["size"][0] / s["size"][0] for s in scenes]))
+    a, b = summary(edits["train"]), summary(edits["bench"])
+    assert a["scales"] == b["scales"] == set(posed["scales"]) and a["centred"] and b["centred"]
+    assert a["hands"] <= set(HAND_YS) and b["hands"] <= set(HAND_YS) and a["hands"] == b["hands"]
+    assert a["horizon_grid"] and b["horizon_grid"] and set(a["ops"]) == set(b["ops"]) == set(EDIT_OPS)
+    for key, tol in (("sun", 0.1), ("items", 0.3), ("rescale", 0.05)):  # same rates within sampling noise
+        assert abs(a[key] - b[key]) <= tol, (key, a[key], b[key])
+    assert all(max(c.values()) / min(c.values()) < 1.6 for c in (a["ops"], b["ops"]))  # ops drawn uniformly
