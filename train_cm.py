@@ -157,16 +157,18 @@ class Config:
 def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
-    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (T.shard, T.fill_shards)
-    model = T.meta_mmdit(cfg.init) if sharded else M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
+    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (sharded.py, imported only then)
+    if sharded:
+        import sharded as SH
+    model = SH.meta_mmdit(cfg.init) if sharded else M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
     model.gradient_checkpointing = cfg.grad_ckpt
     T.freeze_unused(model)
     teacher = None
     if sharded:  # each rank reads its own rows; the EMA and the frozen teacher are sharded alike
-        T.fill_shards(T.shard(model, device, cfg.bf16), [T.weight_tensors(cfg.init)], cfg.init)
-        ema = T.sharded_copy(model, device, cfg.bf16)
+        SH.fill_shards(SH.shard(model, device, cfg.bf16), [SH.weight_tensors(cfg.init)], cfg.init)
+        ema = SH.sharded_copy(model, device, cfg.bf16)
         if cfg.guidance and cfg.guidance_from == "teacher":
-            teacher = T.sharded_teacher(cfg.init, device, cfg.bf16)
+            teacher = SH.sharded_teacher(cfg.init, device, cfg.bf16)
     else:
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         if cfg.guidance and cfg.guidance_from == "teacher":

@@ -35,7 +35,7 @@ Official variants (public UniPic-3 trainer), each behind a flag:
     torchrun --nproc_per_node=8 train_dmd.py --assets Qwen-Image-Edit --data train.jsonl \
         --teacher Unipic3/transformer --init CM_RUN/ema_transformer --fsdp true --bf16 true --grad_ckpt true \
         --fake_lora_rank 64 --lr 2e-6 --lr_fake 2e-6 --teacher_cfg 6 --batch 64 --micro_batch 1 --budget 1048576
-                                            # 20B on 8 GPUs: the LoRA fake score fits 80 GB (train_common.memory_plan)
+                                            # 20B on 8 GPUs: the LoRA fake score fits 80 GB (sharded.memory_plan)
 """
 import contextlib
 import copy
@@ -175,18 +175,20 @@ def build_models(cfg, device, sharded=False):
 
 
 def build_sharded(cfg, device):
-    student = T.meta_mmdit(cfg.init)
+    import sharded as SH  # FSDP2 only: the toy path never loads it
+
+    student = SH.meta_mmdit(cfg.init)
     T.freeze_unused(student)
-    T.shard(student, device, cfg.bf16)
-    T.fill_shards(student, [T.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
-    ema = T.sharded_copy(student, device, cfg.bf16)
+    SH.shard(student, device, cfg.bf16)
+    SH.fill_shards(student, [SH.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
+    ema = SH.sharded_copy(student, device, cfg.bf16)
     lora = (cfg.fake_lora_rank, cfg.fake_lora_alpha) if cfg.fake_lora_rank else None
-    teacher = T.sharded_teacher(cfg.teacher, device, cfg.bf16, lora, cfg.seed)  # a LoRA fake score rides on it
+    teacher = SH.sharded_teacher(cfg.teacher, device, cfg.bf16, lora, cfg.seed)  # a LoRA fake score rides on it
     fake = teacher
     if not cfg.fake_lora_rank:
-        fake = T.meta_mmdit(cfg.teacher)
+        fake = SH.meta_mmdit(cfg.teacher)
         T.freeze_unused(fake)
-        T.fill_shards(T.shard(fake, device, cfg.bf16), [T.weight_tensors(cfg.teacher)], cfg.teacher)
+        SH.fill_shards(SH.shard(fake, device, cfg.bf16), [SH.weight_tensors(cfg.teacher)], cfg.teacher)
     return student, ema, teacher, fake
 
 

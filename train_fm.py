@@ -98,9 +98,11 @@ class Config:
 def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
-    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (T.shard, T.fill_shards)
+    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (sharded.py, imported only then)
     if sharded:
-        model = T.meta_mmdit(cfg.init or M.PRESETS[cfg.preset])
+        import sharded as SH
+
+        model = SH.meta_mmdit(cfg.init or M.PRESETS[cfg.preset])
     elif cfg.init:
         model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
     else:
@@ -114,13 +116,13 @@ def main(cfg):
     T.freeze_unused(model)
     if sharded:  # each rank reads its own rows of --init (from scratch: drawn whole, as one process would)
         if cfg.init:
-            source = T.weight_tensors(cfg.init)
+            source = SH.weight_tensors(cfg.init)
         else:
             torch.manual_seed(cfg.seed)
             source = M.MMDiT(M.PRESETS[cfg.preset]).init_weights().state_dict()
-        T.fill_shards(T.shard(model, device, cfg.bf16), [source], cfg.init, cfg.seed)
+        SH.fill_shards(SH.shard(model, device, cfg.bf16), [source], cfg.init, cfg.seed)
         del source
-        ema = T.sharded_copy(model, device, cfg.bf16) if not cfg.lora_rank else None
+        ema = SH.sharded_copy(model, device, cfg.bf16) if not cfg.lora_rank else None
     else:
         ema = M.MMDiT(model.cfg) if not cfg.lora_rank else None
         if ema is not None:
@@ -193,7 +195,9 @@ def main(cfg):
 def export_lora(cfg, dmodel, rank):
     """LoRA runs export the base with the adapters merged in (official keys only)."""
     if T.is_sharded(dmodel):  # streamed, one tensor gathered at a time
-        T.export_sharded(dmodel, os.path.join(cfg.out, "transformer"), "nanounipic-teacher-lora", rank)
+        import sharded
+
+        sharded.export_sharded(dmodel, os.path.join(cfg.out, "transformer"), "nanounipic-teacher-lora", rank)
         return
     sd = T.full_state_dict(dmodel)
     if rank != 0:
