@@ -572,7 +572,6 @@ def fsdp_memory(args, device, cfg, shapes, L):
 
     import sharded as SH
     import train_common as T
-    from train_fm import fm_loss
 
     own_group = not dist.is_initialized()
     if own_group:
@@ -594,7 +593,7 @@ def fsdp_memory(args, device, cfg, shapes, L):
 
         def step():
             with torch.autocast(device.type, torch.bfloat16):
-                loss = fm_loss(model, x, [shapes], txt, mask, t, noise)
+                loss = T.fm_loss(model, x, [shapes], txt, mask, t, noise)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -55,12 +55,6 @@ from sample import TOY_CKPT
 # the objective
 
 
-def on_path(x, noise, tgt, t):
-    """The straight path at time t [B]: x_t = (1 − t)·x + t·ε on the target rows, references left clean."""
-    tt = t[:, None, None]
-    return torch.where(tgt, (1 - tt) * x + tt * noise, x)
-
-
 @torch.no_grad()
 def tangent(model, x, noise, tgt, shapes, txt, txt_mask, t, h=5e-3):
     """dF(x_t, t)/dt along the path, by a central finite difference of two forwards (one batched call).
@@ -71,7 +65,7 @@ def tangent(model, x, noise, tgt, shapes, txt, txt_mask, t, h=5e-3):
     contains t·T, which the student (θ⁻ = itself) fits, making its next tangent rougher still — a feedback loop
     (README: ‖t·T‖ against ‖ε − x‖, and the loss curve)."""
     hi, lo = (t + h).clamp(max=1.0), (t - h).clamp(min=0.0)
-    both = model(torch.cat([on_path(x, noise, tgt, hi), on_path(x, noise, tgt, lo)]), shapes + shapes,
+    both = model(torch.cat([T.on_path(x, noise, tgt, hi), T.on_path(x, noise, tgt, lo)]), shapes + shapes,
                  torch.cat([txt, txt]), torch.cat([txt_mask, txt_mask]), torch.cat([hi, lo]))
     f_hi, f_lo = both.double().chunk(2)
     return (f_hi - f_lo) / (hi - lo).double()[:, None, None] * tgt
@@ -87,22 +81,17 @@ def cm_target(model, x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide=None, n
     target = (noise - x).double() - t.double()[:, None, None] * T_
     if cfg.guidance:
         with torch.no_grad():
-            xt = on_path(x, noise, tgt, t)
+            xt = T.on_path(x, noise, tgt, t)
             v = guide(torch.cat([xt, xt]), shapes + shapes, *pad_text_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
             v_c, v_u = v.double().chunk(2)
         target = target + cfg.guidance * (v_c - v_u)
     return (target * tgt).float(), norm.mean().item()
 
 
-def regression_loss(v, target, tgt, cos_loss=False):
-    """Per-sample mean squared error over the target rows, then the batch mean; + mean(1 − cos) over channels."""
-    v = v.float()
-    err = (v - target).pow(2) * tgt
-    loss = (err.sum((1, 2)) / (tgt.sum((1, 2)) * v.shape[2])).mean()
-    if cos_loss:
-        cos = torch.nn.functional.cosine_similarity(v, target, dim=-1, eps=1e-8)[..., None]  # [B, N, 1]
-        loss = loss + ((1 - cos) * tgt).sum((1, 2)).div(tgt.sum((1, 2))).mean()
-    return torch.nan_to_num(loss)
+def cm_loss(model, x, shapes, txt, txt_mask, t, noise, target, cos_loss=False):
+    """Eq. 11: flow matching (Eq. 1, T.fm_loss) with cm_target's ε − x − t·T in place of ε − x; --cos_loss adds
+    mean(1 − cos) over channels; a non-finite loss becomes finite (nan_to_num), as in the official trainer."""
+    return torch.nan_to_num(T.fm_loss(model, x, shapes, txt, txt_mask, t, noise, target, cos_loss))
 
 
 # -----------------------------------------------------------------------------
@@ -205,8 +194,7 @@ def main(cfg):
                     target, tnorm = cm_target(T.unwrap(dmodel), x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide,
                                               neg, neg_mask)
                     with T.no_sync(dmodel, last=m == accum - 1):
-                        v = dmodel(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t)
-                        loss = regression_loss(v, target, tgt, cfg.cos_loss)
+                        loss = cm_loss(dmodel, x, shapes, txt, txt_mask, t, noise, target, cfg.cos_loss)
                         (loss / accum).backward()
                 loss_sum += loss.item() / accum
                 tnorm_sum += tnorm / accum

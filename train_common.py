@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 import data as D
 import model as M
-from pack import collate, pad_text, unified_sequence
+from pack import collate, pad_text, target_rows, unified_sequence
 import eval as E
 import sample as S
 import text_encoder as TE
@@ -371,7 +371,8 @@ def ema_update(ema, model, decay):
 
 
 # -----------------------------------------------------------------------------
-# timesteps
+# flow matching (Eq. 1), the one implementation: train_fm.py's objective, the regression of train_cm.py's Eq. 11
+# and of train_dmd.py's fake score
 
 
 def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
@@ -380,6 +381,28 @@ def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
     t = torch.sigmoid(u)
     shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
     return time_shift(t, shift)
+
+
+def on_path(x, noise, tgt, t):
+    """The straight path at time t [B]: x_t = (1 − t)·x + t·ε on the target rows (tgt [B, N, 1]), references clean."""
+    tt = t[:, None, None]
+    return torch.where(tgt, (1 - tt) * x + tt * noise, x)
+
+
+def fm_loss(model, x, shapes, txt, txt_mask, t, noise, target=None, cos_loss=False):
+    """Eq. (1) on the target rows: ‖F(x_t, t) − (ε − x)‖². x, noise [B, N, C] (clean unified sequences,
+    zero-padded); t [B] in (0, 1). Per-sample mean squared velocity error, then the batch mean (the official
+    trainers run batch 1 per GPU). target [B, N, C] (fp32): another regression target in place of ε − x (CM's
+    Eq. 11); cos_loss: + mean(1 − cos) over the latent channels (the official CM and DMD trainers)."""
+    tgt = target_rows(shapes, x.shape[1], x.device)[..., None]  # [B, N, 1]
+    v = model(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t).float()
+    target = (noise - x).float() if target is None else target
+    err = (v - target).pow(2) * tgt
+    loss = (err.sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
+    if cos_loss:
+        cos = torch.nn.functional.cosine_similarity(v, target, dim=-1, eps=1e-8)[..., None]  # [B, N, 1]
+        loss = loss + ((1 - cos) * tgt).sum((1, 2)).div(tgt.sum((1, 2))).mean()
+    return loss
 
 
 # -----------------------------------------------------------------------------

@@ -52,10 +52,16 @@ import model as M
 import train_common as T
 from pack import pad_text_pair, target_rows
 from sample import TOY_CKPT, SchedulerConfig, cfg_combine, fewstep_times, fewstep_update
-from train_cm import on_path, regression_loss
 
 # -----------------------------------------------------------------------------
 # the objective
+
+
+def fake_score_loss(fake, x0, shapes, txt, txt_mask, t, noise, cos_loss=True):
+    """The fake score F_φ learns the student's distribution by flow matching (Eq. 1, T.fm_loss) on the student's
+    samples x0 [B, N, C], re-noised with `noise` at t [B]; --fake_cos_loss adds mean(1 − cos) over channels (the
+    official trainer); a non-finite loss becomes finite (nan_to_num), as train_cm.py's."""
+    return torch.nan_to_num(T.fm_loss(fake, x0, shapes, txt, txt_mask, t, noise, cos_loss=cos_loss))
 
 
 def dmd_grad(v_teacher, v_fake, t, x0, noise, weighting="official", floor=1e-5):
@@ -245,8 +251,7 @@ def main(cfg):
                                                shapes, txt, txt_mask, n_gen, sched, g, grad=False)
                     t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
                     with T.no_sync(dfake, last=m == accum - 1):
-                        v = dfake(on_path(x0, eps, tgt, t), shapes, txt, txt_mask, t)
-                        loss = regression_loss(v, ((eps - x0) * tgt).float(), tgt, cfg.fake_cos_loss)
+                        loss = fake_score_loss(dfake, x0, shapes, txt, txt_mask, t, eps, cfg.fake_cos_loss)
                         (loss / accum).backward()
                     fake_loss += loss.item() / accum / cfg.fake_updates
                 torch.nn.utils.clip_grad_norm_(dfake.parameters(), cfg.grad_clip)
@@ -262,7 +267,7 @@ def main(cfg):
                                            txt_mask, n_gen, sched, g)
                     t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
                     with torch.no_grad():
-                        xt = on_path(x0.detach(), eps, tgt, t)
+                        xt = T.on_path(x0.detach(), eps, tgt, t)
                         with teacher_off(teacher):
                             v_t = teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t,
                                                    cfg.teacher_cfg, cfg.cfg_rescale)

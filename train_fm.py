@@ -2,8 +2,10 @@ r"""
 Flow-matching training of the MMDiT (paper §4.2, §5.1, Eq. 1): the teacher of UniPic 3.0.
 
 Each example is one unified sequence [target ‖ ref_1 ‖ … ‖ ref_K]: only the target tokens are noised,
-x_t = (1 − t)·x + t·ε, the references stay clean, and the loss is the velocity error on the target rows.
-Single-image editing and multi-image composition are the same problem here; the toy world mixes both.
+x_t = (1 − t)·x + t·ε, the references stay clean, and the loss is the velocity error on the target rows,
+‖F_θ(x_t, t) − (ε − x)‖² (Eq. 1: `fm_loss` in train_common.py, the one implementation, which train_cm.py and
+train_dmd.py share). Single-image editing and multi-image composition are the same problem here; the toy world
+mixes both.
 
     python train_fm.py                                                 # toy teacher, one process, CPU
     torchrun --standalone --nproc_per_node=2 train_fm.py               # toy teacher, 2 processes (gloo)
@@ -28,23 +30,7 @@ from tqdm import tqdm
 import data as D
 import model as M
 import train_common as T
-from pack import target_rows
 from sample import TOY_CKPT
-
-# -----------------------------------------------------------------------------
-# the objective
-
-
-def fm_loss(model, x, shapes, txt, txt_mask, t, noise):
-    """Eq. (1) on the target rows. x, noise [B, N, C] (clean unified sequences, zero-padded); t [B] in (0, 1).
-    Per-sample mean squared velocity error, then the batch mean (the official trainers run batch 1 per GPU)."""
-    tgt = target_rows(shapes, x.shape[1], x.device)[..., None]  # [B, N, 1]
-    tt = t[:, None, None]
-    xt = torch.where(tgt, (1 - tt) * x + tt * noise, x)  # references stay clean
-    v = model(xt, shapes, txt, txt_mask, t)
-    err = (v.float() - (noise - x).float()).pow(2) * tgt
-    return (err.sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
-
 
 # -----------------------------------------------------------------------------
 # config
@@ -155,7 +141,7 @@ def main(cfg):
                 noise = torch.randn(x.shape, generator=g).to(device)
                 with T.no_sync(dmodel, last=m == accum - 1), \
                         torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                    loss = fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
+                    loss = T.fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
                     (loss / accum).backward()
                 loss_sum += loss.item() / accum
                 real = sum(sum(h * w for h, w in hw) for hw in shapes)  # image tokens
