@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-import data as D
 import model as M
 import train_common as T
 from pack import pad_text_pair, target_rows
@@ -99,22 +98,14 @@ def cm_loss(model, x, shapes, txt, txt_mask, t, noise, target, cos_loss=False):
 
 
 @dataclass
-class Config:
-    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/ (frozen encoders)
-    data: str = "toy:posed"  # as the teacher ("toy:posed", "toy" or an official jsonl): its latent cache is reused
-    n_data: int = 8000  # toy samples (the teacher's cache)
-    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs (toy 128²; official 1024²)
-    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go
-    out: str = "runs/cm"  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+class Config(T.Config):
+    """train_cm's flags: the shared ones (T.Config) with the consistency recipe, and the objective's variants."""
+    out: str = "runs/cm"
     init: str = os.path.join(TOY_CKPT, "transformer")  # the teacher (student init, and the frozen guidance source)
     steps: int = 600  # toy: ≈ 6 minutes on 2 CPU processes (val flat from step 200: 0.74 / 0.71 / 0.73)
-    batch: int = 16  # global batch
-    micro_batch: int = 8  # samples per forward; the rest of the batch is gradient accumulation
     lr: float = 1e-4  # official 1e-6 at 20B
-    lr_min: float = 1e-5  # the quarter-cosine decays the lr to this
+    lr_min: float = 1e-5
     warmup: int = 100  # linear lr warm-up steps
-    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
-    grad_clip: float = 1.0  # global gradient-norm clip
     ema: float = 0.95  # official, per update
     fd_eps: float = 1e-4  # h of the central difference. Paper / official 5e-3, but the toy teacher's dF/dt has
     #   sinusoid periods near 0.006 in t: at 5e-3 the quotient is 26-97% off the JVP, at 1e-4 0.1-0.5% (fp32)
@@ -124,19 +115,7 @@ class Config:
     guidance_from: str = "teacher"  # "teacher" (frozen) or "ema" (official: the EMA of the student)
     cos_loss: bool = False  # + mean(1 − cos) over channels (official)
     logit_mean: float = 1.0  # as the toy teacher (official 0)
-    logit_std: float = 1.0  # std of the logit-normal t
-    fsdp: bool = False  # FSDP2 per block instead of DDP (the 20B model)
-    bf16: bool = False  # bf16 autocast / FSDP2 bf16 params (GPU)
-    grad_ckpt: bool = False  # activation checkpointing per block (memory for time)
-    log_every: int = 10  # steps between metrics.jsonl lines
-    save_every: int = 500  # steps between checkpoints and exported folders
-    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
-    eval_every: int = 200  # steps between validation evaluations
-    eval_cases: int = 16  # ToyCom validation cases at each eval (toy data only)
-    eval_steps: int = 4  # sampler steps at each evaluation
-    eval_cfg: float = 1.0  # CFG at each evaluation
-    seed: int = 0  # data order, noise, t and initial weights
-    resume: bool = False  # continue from OUT/ckpt exactly
+    eval_every: int = 200
 
 
 # -----------------------------------------------------------------------------

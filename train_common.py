@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,17 +53,55 @@ import eval as E
 import sample as S
 import text_encoder as TE
 import vae as V
-from sample import SchedulerConfig, calculate_mu, parse_config, shift_value, time_shift
+from sample import TOY_CKPT, SchedulerConfig, calculate_mu, parse_config, shift_value, time_shift
 
 # -----------------------------------------------------------------------------
 # config: dataclass defaults, overridden by --field value on the command line
 
 
-# what check_config knows of each trainer's flags; a flag a Config does not have is skipped
-POSITIVE = ("steps", "batch", "micro_batch", "n_data", "budget", "lr", "lr_fake", "grad_clip", "log_every",
-            "save_every", "keep_ckpts", "fake_updates", "max_gen_steps", "fd_eps", "tangent_c", "logit_std")
-NON_NEGATIVE = ("lr_min", "warmup", "weight_decay", "eval_cases", "lora_rank", "fake_lora_rank", "guidance")
-UNIT = ("ema", "cond_drop")  # in [0, 1]
+@dataclass(kw_only=True)
+class Config:
+    """The flags the three trainers share. Each trainer's Config extends it with its method's flags and sets its
+    recipe: the fields without a default here, and any default it changes. Every field is a flag (parse_config);
+    its comment, here or in the trainer, is the flag's --help."""
+    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
+    data: str = "toy:posed"  # "toy:posed" (what the toy models train on), "toy" (free layouts) or an official jsonl
+    n_data: int = 8000  # toy samples to generate and cache (≈ 9 minutes once on 2 CPU processes; CM and DMD reuse it)
+    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs, and of the target (toy 128², official 1024²)
+    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go (one cache serves the three trainers)
+    out: str  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+    init: str  # the transformer folder training starts from
+    steps: int  # optimiser steps
+    batch: int = 16  # global batch; accumulation = batch / (micro_batch · processes)
+    micro_batch: int = 8  # samples per forward; the rest of the batch is gradient accumulation
+    lr: float  # AdamW learning rate after the warm-up
+    lr_min: float  # the quarter-cosine decays the lr to this
+    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
+    grad_clip: float = 1.0  # global gradient-norm clip
+    ema: float  # EMA decay per update (exported as ema_transformer/)
+    logit_mean: float  # mean of the logit-normal t (official 0)
+    logit_std: float = 1.0  # std of the logit-normal t
+    fsdp: bool = False  # FSDP2 per block instead of DDP (the 20B model)
+    bf16: bool = False  # bf16 autocast (fp32 master weights) / FSDP2 bf16 params (GPU)
+    grad_ckpt: bool = False  # activation checkpointing per block of every trained network (memory for time)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    save_every: int = 500  # steps between checkpoints and exported folders
+    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
+    eval_every: int  # steps between validation evaluations
+    eval_cases: int = 16  # ToyCom validation cases sampled at each eval (toy data only; never the bench)
+    eval_steps: int = 4  # sampler steps at each evaluation
+    eval_cfg: float = 1.0  # CFG at each evaluation
+    seed: int = 0  # data order, noise, t and initial weights
+    resume: bool = False  # continue from OUT/ckpt exactly
+
+
+# what check_config knows of the flags; a flag a Config does not have is skipped
+RANGES = ((("steps", "batch", "micro_batch", "n_data", "budget", "lr", "lr_fake", "grad_clip", "log_every",
+            "save_every", "keep_ckpts", "fake_updates", "max_gen_steps", "fd_eps", "tangent_c", "logit_std"),
+           "> 0", lambda v: v > 0),  # `not v > 0` also catches nan
+          (("lr_min", "warmup", "weight_decay", "eval_cases", "lora_rank", "fake_lora_rank", "guidance"),
+           ">= 0", lambda v: v >= 0),
+          (("ema", "cond_drop"), "in [0, 1]", lambda v: 0 <= v <= 1))
 CHOICES = {"preset": M.PRESETS, "guidance_from": ("teacher", "ema"), "weighting": ("official", "paper")}
 TRANSFORMERS = ("init", "init2", "teacher")  # transformer folders (config.json + weights); empty: not used
 ASSET_FOLDERS = ("vae", "text_encoder", "tokenizer", "processor")  # what the latent cache's encoders read
@@ -79,16 +118,11 @@ def check_config(cfg):
 def config_problem(cfg, world):
     """The first problem with cfg as a one-line string, or None."""
     has = lambda name: hasattr(cfg, name)
-    for name in POSITIVE:
-        if has(name) and not getattr(cfg, name) > 0:  # `not >` also catches nan
-            return f"--{name} must be > 0, got {getattr(cfg, name)}"
-    for name in NON_NEGATIVE:
-        if has(name) and not getattr(cfg, name) >= 0:
-            return f"--{name} must be >= 0, got {getattr(cfg, name)}"
-    for name in UNIT:
-        if has(name) and not 0 <= getattr(cfg, name) <= 1:
-            return f"--{name} must be in [0, 1], got {getattr(cfg, name)}"
-    if has("eval_cases") and cfg.eval_cases:
+    for names, rule, ok in RANGES:
+        for name in filter(has, names):
+            if not ok(getattr(cfg, name)):
+                return f"--{name} must be {rule}, got {getattr(cfg, name)}"
+    if cfg.eval_cases:
         for name in ("eval_every", "eval_steps"):
             if not getattr(cfg, name) > 0:
                 return f"--{name} must be > 0 while --eval_cases is {cfg.eval_cases} (0 turns evaluation off)"
@@ -98,7 +132,7 @@ def config_problem(cfg, world):
     if cfg.batch % world or cfg.batch // world % cfg.micro_batch:
         return (f"--batch {cfg.batch} must split into {world} process(es) × a multiple of --micro_batch "
                 f"{cfg.micro_batch}")
-    for name in (n for n in TRANSFORMERS if has(n)):
+    for name in filter(has, TRANSFORMERS):
         path = getattr(cfg, name)
         required = name == "teacher" or (name == "init" and not has("preset"))  # FM can start from scratch
         if path or required:

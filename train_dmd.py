@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-import data as D
 import model as M
 import train_common as T
 from pack import pad_text_pair, target_rows
@@ -113,21 +112,17 @@ def teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t, scale
 
 
 @dataclass
-class Config:
-    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/ (frozen encoders)
-    data: str = "toy:posed"  # "toy:posed", "toy" or an official jsonl (the teacher's cache is reused with its settings)
-    n_data: int = 8000  # the teacher's latent cache is reused
-    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs (toy 128²; official 1024²)
-    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go
-    out: str = "runs/dmd"  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+class Config(T.Config):
+    """train_dmd's flags: the shared ones (T.Config) with the distillation recipe, and the objective's variants."""
+    out: str = "runs/dmd"
     teacher: str = os.path.join(TOY_CKPT, "transformer")  # frozen; also the fake score's init
     init: str = os.path.join(TOY_CKPT, "transformer_cm")  # the student's init: the consistency model
     init2: str = ""  # if set: the student starts from the 50/50 average of init and init2
     steps: int = 100  # student updates (toy: val falls after 100, towards the weaker teacher: README)
-    batch: int = 8  # global batch
-    micro_batch: int = 4  # samples per forward; the rest of the batch is gradient accumulation
+    batch: int = 8
+    micro_batch: int = 4
     lr: float = 2e-5  # student (official 2e-6 at 20B); quarter-cosine to lr_min
-    lr_min: float = 2e-6  # the quarter-cosine decays the lr to this
+    lr_min: float = 2e-6
     lr_fake: float = 2e-5  # fake score (the official code uses the student's lr; the paper says 4e-7)
     fake_updates: int = 4  # fake-score updates per student update (official 4)
     fake_lora_rank: int = 0  # 0: full copy of the teacher (official code); r > 0: LoRA on the shared teacher
@@ -139,22 +134,10 @@ class Config:
     max_gen_steps: int = 4  # backward simulation cycles n = 1 … max_gen_steps; 1 = no backward simulation
     renoise_clamp: bool = True  # re-noise t clamped to [0.02, 0.98] (DMD2 practice)
     logit_mean: float = 0.0  # mean of the logit-normal t of the fake score's loss and the re-noise
-    logit_std: float = 1.0  # std of the logit-normal t
-    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
-    grad_clip: float = 1.0  # global gradient-norm clip
     ema: float = 0.95  # per student update (official)
-    fsdp: bool = False  # FSDP2 per block instead of DDP (the 20B model)
-    bf16: bool = False  # bf16 autocast / FSDP2 bf16 params (GPU)
-    grad_ckpt: bool = False  # activation checkpointing per block of the student and the fake score (memory for time)
-    log_every: int = 5  # steps between metrics.jsonl lines
-    save_every: int = 100  # steps between checkpoints and exported folders
-    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
-    eval_every: int = 100  # steps between validation evaluations
-    eval_cases: int = 16  # ToyCom validation cases at each eval (toy data only)
-    eval_steps: int = 4  # sampler steps at each evaluation
-    eval_cfg: float = 1.0  # CFG at each evaluation
-    seed: int = 0  # data order, noise, t and initial weights
-    resume: bool = False  # continue from OUT/ckpt exactly
+    log_every: int = 5
+    save_every: int = 100
+    eval_every: int = 100
 
 
 def build_models(cfg, device, sharded=False):

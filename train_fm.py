@@ -27,54 +27,35 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-import data as D
 import model as M
 import train_common as T
-from sample import TOY_CKPT
 
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
-class Config:
-    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
-    data: str = "toy:posed"  # "toy:posed" (what the toy teachers train on), "toy" (free layouts) or an official jsonl
-    n_data: int = 8000  # toy samples to generate and cache (≈ 9 minutes once on 2 CPU processes; CM and DMD reuse it)
-    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs; the target alone is resized to it too
-    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go
-    out: str = "runs/fm"  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+class Config(T.Config):
+    """train_fm's flags: the shared ones (T.Config: data, batch, optimiser, precision, checkpoints, evaluation) with
+    the teacher's recipe, and the flow-matching ones."""
+    out: str = "runs/fm"
     init: str = ""  # a transformer folder to fine-tune (official or ours); empty: from scratch
     preset: str = "toy"  # the config when starting from scratch
     steps: int = 7000  # the 25-minute quick run: ≈ 5 steps/s on 2 CPU processes (cache apart); the teacher: 12,000
-    batch: int = 16  # global batch; accumulation = batch / (micro_batch · processes)
-    micro_batch: int = 8  # samples per forward; the rest of the batch is gradient accumulation
     lr: float = 4e-3  # toy width 96; ~1/width: 2e-3 beat 1e-3 at width 192 (ToyCom 0.202 vs 0.136), 3e-3 at 128
-    lr_min: float = 4e-4  # the quarter-cosine decays the lr to this
+    lr_min: float = 4e-4
     warmup: int = 50  # linear lr warm-up steps
-    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
-    grad_clip: float = 1.0  # global gradient-norm clip
     ema: float = 0.998  # EMA decay per step (exported as ema_transformer/)
     cond_drop: float = 0.1  # instruction → " " (same images), so true CFG works at inference
     logit_mean: float = 1.0  # official 0 (use it for real data). The toy target is fully determined by the
     #   references, a skill only high t trains (at mid t the noisy target gives the colours away): with 0, the
     #   x0 error at t = 1 stalled at 0.59 (of 0.75 variance); with 1.0 it fell to 0.38 in the same steps
-    logit_std: float = 1.0  # std of the logit-normal t
     lora_rank: int = 0  # > 0: train LoRA adapters only (merged into the exported folders)
     lora_alpha: float = 16.0  # LoRA scale alpha / rank
-    fsdp: bool = False  # FSDP2 per block instead of DDP (for the 20B model)
-    bf16: bool = False  # bf16 autocast (fp32 master weights) / FSDP2 bf16 params
     compile: bool = False  # torch.compile each block (dynamic shapes; M.compile_blocks)
-    grad_ckpt: bool = False  # activation checkpointing per block (memory for time)
-    log_every: int = 10  # steps between metrics.jsonl lines
-    save_every: int = 500  # steps between checkpoints and exported folders
-    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
-    eval_every: int = 7000  # steps between validation evaluations
-    eval_cases: int = 16  # ToyCom validation cases sampled at each eval (toy data only; never the bench)
+    eval_every: int = 7000
     eval_steps: int = 20  # sampler steps at each evaluation
     eval_cfg: float = 2.0  # the toy teacher's best guidance (validation: CFG 1.5 / 2 / 3 → 0.597 / 0.614 / 0.587)
-    seed: int = 0  # data order, noise, t and initial weights
-    resume: bool = False  # continue from OUT/ckpt exactly
 
 
 # -----------------------------------------------------------------------------
