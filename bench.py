@@ -570,18 +570,18 @@ def fsdp_memory(args, device, cfg, shapes, L):
     (N−1)/N of the 16 bytes/parameter of weights, gradients and AdamW moments."""
     import torch.distributed as dist
 
+    import sharded as SH
     import train_common as T
-    from train_fm import fm_loss
 
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=device if device.type == "cuda" else None)
     try:
-        model = T.shard(T.meta_mmdit(cfg), device, bf16=True)
+        model = SH.shard(SH.meta_mmdit(cfg), device, bf16=True)
         with torch.no_grad():
             for p in model.parameters():
-                T.local(p).normal_(std=0.02)
+                SH.local(p).normal_(std=0.02)
         model.gradient_checkpointing = True
         opt = T.make_optimizer(model, 1e-4)
         g = torch.Generator().manual_seed(4)
@@ -593,7 +593,7 @@ def fsdp_memory(args, device, cfg, shapes, L):
 
         def step():
             with torch.autocast(device.type, torch.bfloat16):
-                loss = fm_loss(model, x, [shapes], txt, mask, t, noise)
+                loss = T.fm_loss(model, x, [shapes], txt, mask, t, noise)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

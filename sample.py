@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import tokenize
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -328,24 +328,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def field_comments(cls):
-    """{field: meaning} read from a dataclass's source: the comment after each field. Where it runs on into the
-    comment lines below (the reasons behind a value), only its whole sentences on the field's line are kept."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source file (an interactive session): no comments
-        return {}
-    comments = {t.start[0]: t.string.lstrip("#").strip()
-                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
-    lines, names, out = src.splitlines(), {f.name for f in fields(cls)}, {}
-    for n, line in enumerate(lines, 1):
-        m = re.match(r"\s+(\w+)\s*:", line)
-        if not (m and m.group(1) in names and n in comments):
+    """{field: meaning} read from a dataclass's source, and its dataclass bases' for the fields it inherits (its
+    own comment wins): the comment after each field. Where it runs on into the comment lines below (the reasons
+    behind a value), only its whole sentences on the field's line are kept."""
+    out = {}
+    for c in reversed([c for c in cls.__mro__ if is_dataclass(c)]):  # bases first
+        try:
+            src = inspect.getsource(c)
+        except (OSError, TypeError):  # no source file (an interactive session): no comments
             continue
-        text = comments[n]
-        if n < len(lines) and lines[n].lstrip().startswith("#"):  # continued below: whole sentences only
-            whole = re.match(r"(.*[.)])\s", text + " ")
-            text = whole.group(1) if whole else text + " …"
-        out[m.group(1)] = text
+        comments = {t.start[0]: t.string.lstrip("#").strip()
+                    for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+        lines, names = src.splitlines(), {f.name for f in fields(c)}
+        for n, line in enumerate(lines, 1):
+            m = re.match(r"\s+(\w+)\s*:", line)
+            if not (m and m.group(1) in names and n in comments):
+                continue
+            text = comments[n]
+            if n < len(lines) and lines[n].lstrip().startswith("#"):  # continued below: whole sentences only
+                whole = re.match(r"(.*[.)])\s", text + " ")
+                text = whole.group(1) if whole else text + " …"
+            out[m.group(1)] = text
     return out
 
 

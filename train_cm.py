@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-import data as D
 import model as M
 import train_common as T
 from pack import pad_text_pair, target_rows
@@ -53,12 +52,6 @@ from sample import TOY_CKPT
 
 # -----------------------------------------------------------------------------
 # the objective
-
-
-def on_path(x, noise, tgt, t):
-    """The straight path at time t [B]: x_t = (1 − t)·x + t·ε on the target rows, references left clean."""
-    tt = t[:, None, None]
-    return torch.where(tgt, (1 - tt) * x + tt * noise, x)
 
 
 @torch.no_grad()
@@ -71,7 +64,7 @@ def tangent(model, x, noise, tgt, shapes, txt, txt_mask, t, h=5e-3):
     contains t·T, which the student (θ⁻ = itself) fits, making its next tangent rougher still — a feedback loop
     (README: ‖t·T‖ against ‖ε − x‖, and the loss curve)."""
     hi, lo = (t + h).clamp(max=1.0), (t - h).clamp(min=0.0)
-    both = model(torch.cat([on_path(x, noise, tgt, hi), on_path(x, noise, tgt, lo)]), shapes + shapes,
+    both = model(torch.cat([T.on_path(x, noise, tgt, hi), T.on_path(x, noise, tgt, lo)]), shapes + shapes,
                  torch.cat([txt, txt]), torch.cat([txt_mask, txt_mask]), torch.cat([hi, lo]))
     f_hi, f_lo = both.double().chunk(2)
     return (f_hi - f_lo) / (hi - lo).double()[:, None, None] * tgt
@@ -87,22 +80,17 @@ def cm_target(model, x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide=None, n
     target = (noise - x).double() - t.double()[:, None, None] * T_
     if cfg.guidance:
         with torch.no_grad():
-            xt = on_path(x, noise, tgt, t)
+            xt = T.on_path(x, noise, tgt, t)
             v = guide(torch.cat([xt, xt]), shapes + shapes, *pad_text_pair(txt, txt_mask, neg, neg_mask), torch.cat([t, t]))
             v_c, v_u = v.double().chunk(2)
         target = target + cfg.guidance * (v_c - v_u)
     return (target * tgt).float(), norm.mean().item()
 
 
-def regression_loss(v, target, tgt, cos_loss=False):
-    """Per-sample mean squared error over the target rows, then the batch mean; + mean(1 − cos) over channels."""
-    v = v.float()
-    err = (v - target).pow(2) * tgt
-    loss = (err.sum((1, 2)) / (tgt.sum((1, 2)) * v.shape[2])).mean()
-    if cos_loss:
-        cos = torch.nn.functional.cosine_similarity(v, target, dim=-1, eps=1e-8)[..., None]  # [B, N, 1]
-        loss = loss + ((1 - cos) * tgt).sum((1, 2)).div(tgt.sum((1, 2))).mean()
-    return torch.nan_to_num(loss)
+def cm_loss(model, x, shapes, txt, txt_mask, t, noise, target, cos_loss=False):
+    """Eq. 11: flow matching (Eq. 1, T.fm_loss) with cm_target's ε − x − t·T in place of ε − x; --cos_loss adds
+    mean(1 − cos) over channels; a non-finite loss becomes finite (nan_to_num), as in the official trainer."""
+    return torch.nan_to_num(T.fm_loss(model, x, shapes, txt, txt_mask, t, noise, target, cos_loss))
 
 
 # -----------------------------------------------------------------------------
@@ -110,22 +98,14 @@ def regression_loss(v, target, tgt, cos_loss=False):
 
 
 @dataclass
-class Config:
-    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/ (frozen encoders)
-    data: str = "toy:posed"  # as the teacher ("toy:posed", "toy" or an official jsonl): its latent cache is reused
-    n_data: int = 8000  # toy samples (the teacher's cache)
-    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs (toy 128²; official 1024²)
-    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go
-    out: str = "runs/cm"  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+class Config(T.Config):
+    """train_cm's flags: the shared ones (T.Config) with the consistency recipe, and the objective's variants."""
+    out: str = "runs/cm"
     init: str = os.path.join(TOY_CKPT, "transformer")  # the teacher (student init, and the frozen guidance source)
     steps: int = 600  # toy: ≈ 6 minutes on 2 CPU processes (val flat from step 200: 0.74 / 0.71 / 0.73)
-    batch: int = 16  # global batch
-    micro_batch: int = 8  # samples per forward; the rest of the batch is gradient accumulation
     lr: float = 1e-4  # official 1e-6 at 20B
-    lr_min: float = 1e-5  # the quarter-cosine decays the lr to this
+    lr_min: float = 1e-5
     warmup: int = 100  # linear lr warm-up steps
-    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
-    grad_clip: float = 1.0  # global gradient-norm clip
     ema: float = 0.95  # official, per update
     fd_eps: float = 1e-4  # h of the central difference. Paper / official 5e-3, but the toy teacher's dF/dt has
     #   sinusoid periods near 0.006 in t: at 5e-3 the quotient is 26-97% off the JVP, at 1e-4 0.1-0.5% (fp32)
@@ -135,19 +115,7 @@ class Config:
     guidance_from: str = "teacher"  # "teacher" (frozen) or "ema" (official: the EMA of the student)
     cos_loss: bool = False  # + mean(1 − cos) over channels (official)
     logit_mean: float = 1.0  # as the toy teacher (official 0)
-    logit_std: float = 1.0  # std of the logit-normal t
-    fsdp: bool = False  # FSDP2 per block instead of DDP (the 20B model)
-    bf16: bool = False  # bf16 autocast / FSDP2 bf16 params (GPU)
-    grad_ckpt: bool = False  # activation checkpointing per block (memory for time)
-    log_every: int = 10  # steps between metrics.jsonl lines
-    save_every: int = 500  # steps between checkpoints and exported folders
-    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
-    eval_every: int = 200  # steps between validation evaluations
-    eval_cases: int = 16  # ToyCom validation cases at each eval (toy data only)
-    eval_steps: int = 4  # sampler steps at each evaluation
-    eval_cfg: float = 1.0  # CFG at each evaluation
-    seed: int = 0  # data order, noise, t and initial weights
-    resume: bool = False  # continue from OUT/ckpt exactly
+    eval_every: int = 200
 
 
 # -----------------------------------------------------------------------------
@@ -157,16 +125,18 @@ class Config:
 def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
-    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (T.shard, T.fill_shards)
-    model = T.meta_mmdit(cfg.init) if sharded else M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
+    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (sharded.py, imported only then)
+    if sharded:
+        import sharded as SH
+    model = SH.meta_mmdit(cfg.init) if sharded else M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
     model.gradient_checkpointing = cfg.grad_ckpt
     T.freeze_unused(model)
     teacher = None
     if sharded:  # each rank reads its own rows; the EMA and the frozen teacher are sharded alike
-        T.fill_shards(T.shard(model, device, cfg.bf16), [T.weight_tensors(cfg.init)], cfg.init)
-        ema = T.sharded_copy(model, device, cfg.bf16)
+        SH.fill_shards(SH.shard(model, device, cfg.bf16), [SH.weight_tensors(cfg.init)], cfg.init)
+        ema = SH.sharded_copy(model, device, cfg.bf16)
         if cfg.guidance and cfg.guidance_from == "teacher":
-            teacher = T.sharded_teacher(cfg.init, device, cfg.bf16)
+            teacher = SH.sharded_teacher(cfg.init, device, cfg.bf16)
     else:
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         if cfg.guidance and cfg.guidance_from == "teacher":
@@ -203,8 +173,7 @@ def main(cfg):
                     target, tnorm = cm_target(T.unwrap(dmodel), x, noise, tgt, shapes, txt, txt_mask, t, cfg, guide,
                                               neg, neg_mask)
                     with T.no_sync(dmodel, last=m == accum - 1):
-                        v = dmodel(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t)
-                        loss = regression_loss(v, target, tgt, cfg.cos_loss)
+                        loss = cm_loss(dmodel, x, shapes, txt, txt_mask, t, noise, target, cfg.cos_loss)
                         (loss / accum).backward()
                 loss_sum += loss.item() / accum
                 tnorm_sum += tnorm / accum

@@ -12,11 +12,9 @@ Checkpoint layout under OUT/:
 A step folder is written completely before `latest` is switched to it (temp file + rename), so a run killed
 mid-write leaves the previous checkpoint loadable.
 
-FSDP2 (--fsdp true under torchrun, the 20B path) never puts a whole model on one rank: models are built on the
-meta device, sharded, and each rank reads only its rows of the weight files (fill_shards); the EMA and frozen
-teachers are sharded alike; a checkpoint is ckpt/step_N/dcp/ (torch.distributed.checkpoint: each rank writes
-and reads its own shards; it also loads with another number of processes) + rng.safetensors + state.json; the
-exported folders are streamed one gathered tensor at a time (export_sharded). memory_plan: the per-GPU budget.
+FSDP2 (--fsdp true under torchrun, the 20B path) never puts a whole model on one rank: what only it needs (the
+meta-device build, per-rank reads, the sharded checkpoint format dcp/, the streamed export, the memory plan) is
+sharded.py, imported only where a sharded model or checkpoint is met; the toy path never loads it.
 
 Failing fast and recovering (the same for the three trainers):
   - check_config: every flag and path checked before any process group, model or cache: one `error:` line;
@@ -39,8 +37,7 @@ import shutil
 import signal
 import sys
 import time
-import warnings
-from dataclasses import asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,22 +48,60 @@ from safetensors.torch import load_file, save_file
 
 import data as D
 import model as M
-from pack import collate, pad_text, unified_sequence
+from pack import collate, pad_text, target_rows, unified_sequence
 import eval as E
 import sample as S
 import text_encoder as TE
 import vae as V
-from sample import SchedulerConfig, calculate_mu, parse_config, shift_value, time_shift
+from sample import TOY_CKPT, SchedulerConfig, calculate_mu, parse_config, shift_value, time_shift
 
 # -----------------------------------------------------------------------------
 # config: dataclass defaults, overridden by --field value on the command line
 
 
-# what check_config knows of each trainer's flags; a flag a Config does not have is skipped
-POSITIVE = ("steps", "batch", "micro_batch", "n_data", "budget", "lr", "lr_fake", "grad_clip", "log_every",
-            "save_every", "keep_ckpts", "fake_updates", "max_gen_steps", "fd_eps", "tangent_c", "logit_std")
-NON_NEGATIVE = ("lr_min", "warmup", "weight_decay", "eval_cases", "lora_rank", "fake_lora_rank", "guidance")
-UNIT = ("ema", "cond_drop")  # in [0, 1]
+@dataclass(kw_only=True)
+class Config:
+    """The flags the three trainers share. Each trainer's Config extends it with its method's flags and sets its
+    recipe: the fields without a default here, and any default it changes. Every field is a flag (parse_config);
+    its comment, here or in the trainer, is the flag's --help."""
+    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
+    data: str = "toy:posed"  # "toy:posed" (what the toy models train on), "toy" (free layouts) or an official jsonl
+    n_data: int = 8000  # toy samples to generate and cache (≈ 9 minutes once on 2 CPU processes; CM and DMD reuse it)
+    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs, and of the target (toy 128², official 1024²)
+    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go (one cache serves the three trainers)
+    out: str  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+    init: str  # the transformer folder training starts from
+    steps: int  # optimiser steps
+    batch: int = 16  # global batch; accumulation = batch / (micro_batch · processes)
+    micro_batch: int = 8  # samples per forward; the rest of the batch is gradient accumulation
+    lr: float  # AdamW learning rate after the warm-up
+    lr_min: float  # the quarter-cosine decays the lr to this
+    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
+    grad_clip: float = 1.0  # global gradient-norm clip
+    ema: float  # EMA decay per update (exported as ema_transformer/)
+    logit_mean: float  # mean of the logit-normal t (official 0)
+    logit_std: float = 1.0  # std of the logit-normal t
+    fsdp: bool = False  # FSDP2 per block instead of DDP (the 20B model)
+    bf16: bool = False  # bf16 autocast (fp32 master weights) / FSDP2 bf16 params (GPU)
+    grad_ckpt: bool = False  # activation checkpointing per block of every trained network (memory for time)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    save_every: int = 500  # steps between checkpoints and exported folders
+    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
+    eval_every: int  # steps between validation evaluations
+    eval_cases: int = 16  # ToyCom validation cases sampled at each eval (toy data only; never the bench)
+    eval_steps: int = 4  # sampler steps at each evaluation
+    eval_cfg: float = 1.0  # CFG at each evaluation
+    seed: int = 0  # data order, noise, t and initial weights
+    resume: bool = False  # continue from OUT/ckpt exactly
+
+
+# what check_config knows of the flags; a flag a Config does not have is skipped
+RANGES = ((("steps", "batch", "micro_batch", "n_data", "budget", "lr", "lr_fake", "grad_clip", "log_every",
+            "save_every", "keep_ckpts", "fake_updates", "max_gen_steps", "fd_eps", "tangent_c", "logit_std"),
+           "> 0", lambda v: v > 0),  # `not v > 0` also catches nan
+          (("lr_min", "warmup", "weight_decay", "eval_cases", "lora_rank", "fake_lora_rank", "guidance"),
+           ">= 0", lambda v: v >= 0),
+          (("ema", "cond_drop"), "in [0, 1]", lambda v: 0 <= v <= 1))
 CHOICES = {"preset": M.PRESETS, "guidance_from": ("teacher", "ema"), "weighting": ("official", "paper")}
 TRANSFORMERS = ("init", "init2", "teacher")  # transformer folders (config.json + weights); empty: not used
 ASSET_FOLDERS = ("vae", "text_encoder", "tokenizer", "processor")  # what the latent cache's encoders read
@@ -83,16 +118,11 @@ def check_config(cfg):
 def config_problem(cfg, world):
     """The first problem with cfg as a one-line string, or None."""
     has = lambda name: hasattr(cfg, name)
-    for name in POSITIVE:
-        if has(name) and not getattr(cfg, name) > 0:  # `not >` also catches nan
-            return f"--{name} must be > 0, got {getattr(cfg, name)}"
-    for name in NON_NEGATIVE:
-        if has(name) and not getattr(cfg, name) >= 0:
-            return f"--{name} must be >= 0, got {getattr(cfg, name)}"
-    for name in UNIT:
-        if has(name) and not 0 <= getattr(cfg, name) <= 1:
-            return f"--{name} must be in [0, 1], got {getattr(cfg, name)}"
-    if has("eval_cases") and cfg.eval_cases:
+    for names, rule, ok in RANGES:
+        for name in filter(has, names):
+            if not ok(getattr(cfg, name)):
+                return f"--{name} must be {rule}, got {getattr(cfg, name)}"
+    if cfg.eval_cases:
         for name in ("eval_every", "eval_steps"):
             if not getattr(cfg, name) > 0:
                 return f"--{name} must be > 0 while --eval_cases is {cfg.eval_cases} (0 turns evaluation off)"
@@ -102,7 +132,7 @@ def config_problem(cfg, world):
     if cfg.batch % world or cfg.batch // world % cfg.micro_batch:
         return (f"--batch {cfg.batch} must split into {world} process(es) × a multiple of --micro_batch "
                 f"{cfg.micro_batch}")
-    for name in (n for n in TRANSFORMERS if has(n)):
+    for name in filter(has, TRANSFORMERS):
         path = getattr(cfg, name)
         required = name == "teacher" or (name == "init" and not has("preset"))  # FM can start from scratch
         if path or required:
@@ -209,12 +239,14 @@ def freeze_unused(model):
 
 
 def wrap(model, world, device, fsdp=False, bf16=False):
-    """DDP for models whose AdamW state fits on one device; FSDP2 (`shard`) for the 20B model. Plain model when
-    there is one process; a model already sharded (by `sharded_mmdit`) is returned as it is."""
+    """DDP for models whose AdamW state fits on one device; FSDP2 (`sharded.shard`) for the 20B model. Plain model
+    when there is one process; a model already sharded (by sharded.py) is returned as it is."""
     if world == 1 or is_sharded(model):
         return model
     if fsdp:
-        return shard(model, device, bf16)
+        import sharded
+
+        return sharded.shard(model, device, bf16)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -270,173 +302,6 @@ def mean_over_ranks(x):
 
 
 # -----------------------------------------------------------------------------
-# FSDP2 without a full copy on any rank (the 20B path): the model is built on the meta device (no memory), sharded
-# (each rank allocates its own rows of every tensor), then each rank reads only those rows from the weight files.
-
-
-def meta_mmdit(source):
-    """An MMDiT on the meta device, holding no memory: `source` is a transformer folder (only its config.json is
-    read) or an MMDiTConfig."""
-    if not isinstance(source, M.MMDiTConfig):
-        with open(os.path.join(source, "config.json")) as f:
-            source = M.MMDiTConfig.from_dict(json.load(f))
-    with torch.device("meta"):
-        return M.MMDiT(source)
-
-
-def shard(model, device, bf16=False, frozen_dtype=None):
-    """FSDP2: `fully_shard` per block, then the root; bf16 all-gathers under --bf16, fp32 gradient reduction. A model
-    on the meta device then allocates only this rank's shards, uninitialised: fill them (fill_shards, copy_shards).
-    frozen_dtype: the dtype frozen parameters are stored in (a teacher in bf16 under --bf16: it is gathered in bf16
-    anyway, so the forward is the same and the memory half)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if frozen_dtype is not None:
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(frozen_dtype)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for blk in model.transformer_blocks:
-        fully_shard(blk, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-    return model
-
-
-def local(p):
-    """This rank's rows of a (sharded) parameter, as a plain tensor sharing its storage."""
-    return p.to_local() if isinstance(p, DTensor) else p
-
-
-def shard_start(p):
-    """The first row of this rank's shard of p: FSDP2 splits dim 0 as torch.chunk does (0 when not sharded)."""
-    if not isinstance(p, DTensor):
-        return 0
-    assert len(p.placements) == 1 and p.placements[0].is_shard(0), p.placements
-    n, world = p.shape[0], p.device_mesh.size()
-    return min(n, p.device_mesh.get_local_rank() * -(-n // world))
-
-
-def weight_tensors(folder):
-    """{official key: lazy tensor} over a transformer folder's weight files: only the headers are read here;
-    `t[a:b]` then reads rows a..b-1 alone, in the stored dtype (a safetensors slice, or a memory-mapped .bin)."""
-    tensors = {}
-    for f in M.weight_files(folder):
-        tensors.update(M.open_weights(f))
-    return tensors
-
-
-def _shape(t):
-    return tuple(t.get_shape()) if hasattr(t, "get_shape") else tuple(t.shape)
-
-
-@torch.no_grad()
-def fill_shards(model, sources, where="", seed=0):
-    """Fill every parameter of a sharded model with its own rows of the full tensors, one tensor at a time:
-    sources is a list of {name: tensor or lazy tensor} (weight_tensors of a folder, or a state dict); with two,
-    their 50/50 average. Only this rank's rows are read, in their stored dtype, and cast here (a bf16 file is never
-    upcast whole). Keys and shapes are checked first (one error naming every mismatch). LoRA adapters, which no
-    folder holds, start as add_lora starts them (A Kaiming-uniform drawn from `seed`, B zero), alike on every rank."""
-    params = dict(model.named_parameters())
-    expected = {k: tuple(p.shape) for k, p in params.items() if ".lora_" not in k}
-    for src in sources:
-        M.check_state_keys(expected, {k: _shape(v) for k, v in src.items()}, where)
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in params.items():
-        dst = local(p)
-        a = shard_start(p)
-        b = a + dst.shape[0]
-        if ".lora_" in name:  # small: every rank draws the whole matrix, keeps its rows
-            full = torch.zeros(p.shape)
-            if name.endswith("lora_A"):
-                torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
-            dst.copy_(full[a:b])
-        elif len(sources) == 1:
-            dst.copy_(sources[0][name][a:b])
-        else:  # the same arithmetic as averaging two fp32 state dicts
-            dst.copy_(0.5 * (sources[0][name][a:b].float() + sources[1][name][a:b].float()))
-    return model
-
-
-@torch.no_grad()
-def copy_shards(dst, src):
-    """dst ← src, parameter by parameter, for two models sharded alike: each rank copies its own rows."""
-    params = dict(src.named_parameters())
-    for name, p in dst.named_parameters():
-        local(p).copy_(local(params[name]))
-    return dst
-
-
-def sharded_copy(model, device, bf16=False):
-    """A frozen copy of a sharded model with the same shards (the EMA): built on the meta device, sharded alike and
-    filled from the model's own rows, without communication."""
-    copy = meta_mmdit(model.cfg).requires_grad_(False).eval()
-    return copy_shards(shard(copy, device, bf16), model)
-
-
-def sharded_teacher(folder, device, bf16=False, lora=None, seed=0):
-    """A frozen MMDiT from `folder`, sharded like the trained one (stored in bf16 under --bf16), each rank reading
-    its own rows; lora = (rank, alpha) adds adapters first, its only trained part (DMD's LoRA fake score)."""
-    teacher = meta_mmdit(folder).requires_grad_(False).eval()
-    if lora:
-        M.add_lora(teacher, *lora)
-    shard(teacher, device, bf16, frozen_dtype=torch.bfloat16 if bf16 else None)
-    return fill_shards(teacher, [weight_tensors(folder)], folder, seed)
-
-
-def gathered(model, rank):
-    """For the toy evaluation under FSDP2: a plain fp32 copy of a sharded model on rank 0 (None on the others;
-    collective, and it holds the whole model: toy scale only). A plain model is returned as it is."""
-    if not is_sharded(model):
-        return unwrap(model)
-    sd = full_state_dict(model)
-    if rank != 0:
-        return None
-    copy = meta_mmdit(model.cfg)
-    lora = [m for m in model.modules() if isinstance(m, M.LoRALinear)]
-    if lora:
-        r = lora[0].lora_A.shape[0]
-        M.add_lora(copy, r, lora[0].scale * r)
-    copy.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
-    return copy.eval()
-
-
-# bytes a block saves for its backward, per token and per unit of width, under bf16 (FSDP2 bf16 params + autocast):
-# counted with saved-tensor hooks (tests/test_fsdp_memory.py); with activation checkpointing only the block
-# inputs stay (img and txt rows in bf16), and one block at a time is recomputed in full
-ACT_BYTES, CKPT_BYTES = 56, 2
-
-
-def memory_plan(cfg=None, gpus=8, img_tokens=2 * 4096, txt_tokens=1024 + 64, lora_rank=64):
-    """Per-GPU memory in GB of the recipes at official scale under FSDP2 (--fsdp true --bf16 true, one sample per
-    GPU), from parameter counts: the sharded state, FSDP2's gathered-block buffers, and the activations with and
-    without --grad_ckpt. Defaults: the 20.4B MMDiT on 8 GPUs, a 1024² target and one 1024² reference
-    (2 × 4096 image tokens) with ~1,088 condition tokens (1,024 for the reference's 896² copy, ~64 of text).
-    Sharded state per parameter: trained weights fp32 4 + gradients fp32 4 + AdamW 8 (+ EMA fp32 4); a frozen
-    teacher bf16 2. FM and CM (guidance from the EMA, official) 20; DMD: student 20 + teacher 2, and a full-copy
-    fake score 16 more, or LoRA adapters (rank lora_rank on to_q/k/v/out) 16 per adapter parameter."""
-    cfg = cfg or M.MMDiTConfig()
-    model = meta_mmdit(cfg)
-    n = sum(p.numel() for p in model.parameters())
-    block = sum(p.numel() for p in model.transformer_blocks[0].parameters())
-    lora = 2 * lora_rank * cfg.dim * len(M.LORA_TARGETS) * cfg.num_layers
-    GB = 1e9
-    state = {"FM": 20 * n, "CM": 20 * n, "DMD, LoRA fake score": 22 * n + 16 * lora, "DMD, full fake score": 38 * n}
-    # two blocks' bf16 weights in flight (the next one is prefetched) + one block's bf16 gradients and their fp32
-    # copy for the reduce-scatter
-    buffers = block * (2 * 2 + 2 + 4)
-    tokens = img_tokens + txt_tokens
-    act = cfg.num_layers * ACT_BYTES * tokens * cfg.dim
-    act_ckpt = cfg.num_layers * CKPT_BYTES * tokens * cfg.dim + ACT_BYTES * tokens * cfg.dim
-    plan = {"params (B)": n / 1e9, "state": {k: v / gpus / GB for k, v in state.items()}, "buffers": buffers / GB,
-            "activations": act / GB, "activations, grad_ckpt": act_ckpt / GB}
-    plan["total"] = {k: v + plan["buffers"] + plan["activations"] for k, v in plan["state"].items()}
-    plan["total, grad_ckpt"] = {k: v + plan["buffers"] + plan["activations, grad_ckpt"] for k, v in plan["state"].items()}
-    return plan
-
-
-# -----------------------------------------------------------------------------
 # preemption: a cluster scheduler sends SIGTERM (SLURM can send SIGUSR1 ahead of time) before it kills the job
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -488,7 +353,11 @@ def end_of_step(cfg, step, caught, device, rank, pbar, meter, save, export, eval
         report_preemption(cfg.out, step, caught, rank)
         return True
     if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-        net = gathered(eval_model, rank)  # collective under FSDP2
+        net = unwrap(eval_model)
+        if is_sharded(eval_model):  # a plain copy on rank 0 (collective)
+            import sharded
+
+            net = sharded.gathered(eval_model, rank)
         if rank == 0:
             evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, sampler)
     return False
@@ -523,12 +392,11 @@ def ema_decay(step, decay):
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema ← decay·ema + (1 − decay)·model, over the full weights. Under FSDP2 the EMA is sharded like the model
-    (sharded_copy) and each rank updates its own rows: no communication, no full copy anywhere."""
+    and each rank updates its own rows (sharded.ema_update)."""
     if is_sharded(model):
-        params = dict(model.named_parameters())
-        for k, v in ema.named_parameters():
-            local(v).lerp_(local(params[k]), 1 - decay)
-        return
+        import sharded
+
+        return sharded.ema_update(ema, model, decay)
     src = unwrap(model).state_dict()
     if not src:
         return
@@ -537,7 +405,8 @@ def ema_update(ema, model, decay):
 
 
 # -----------------------------------------------------------------------------
-# timesteps
+# flow matching (Eq. 1), the one implementation: train_fm.py's objective, the regression of train_cm.py's Eq. 11
+# and of train_dmd.py's fake score
 
 
 def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
@@ -546,6 +415,28 @@ def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
     t = torch.sigmoid(u)
     shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
     return time_shift(t, shift)
+
+
+def on_path(x, noise, tgt, t):
+    """The straight path at time t [B]: x_t = (1 − t)·x + t·ε on the target rows (tgt [B, N, 1]), references clean."""
+    tt = t[:, None, None]
+    return torch.where(tgt, (1 - tt) * x + tt * noise, x)
+
+
+def fm_loss(model, x, shapes, txt, txt_mask, t, noise, target=None, cos_loss=False):
+    """Eq. (1) on the target rows: ‖F(x_t, t) − (ε − x)‖². x, noise [B, N, C] (clean unified sequences,
+    zero-padded); t [B] in (0, 1). Per-sample mean squared velocity error, then the batch mean (the official
+    trainers run batch 1 per GPU). target [B, N, C] (fp32): another regression target in place of ε − x (CM's
+    Eq. 11); cos_loss: + mean(1 − cos) over the latent channels (the official CM and DMD trainers)."""
+    tgt = target_rows(shapes, x.shape[1], x.device)[..., None]  # [B, N, 1]
+    v = model(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t).float()
+    target = (noise - x).float() if target is None else target
+    err = (v - target).pow(2) * tgt
+    loss = (err.sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
+    if cos_loss:
+        cos = torch.nn.functional.cosine_similarity(v, target, dim=-1, eps=1e-8)[..., None]  # [B, N, 1]
+        loss = loss + ((1 - cos) * tgt).sum((1, 2)).div(tgt.sum((1, 2))).mean()
+    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -705,58 +596,20 @@ def trainable_state(model):
     return {k: v for k, v in full.items() if k in train} if train != set(full) else full
 
 
-def _adamw_state(opt):
-    """The states a first step of make_optimizer's (fused) AdamW creates (step 0, zero moments), for dcp.load to
-    fill on resume. torch's own initialisation (get_optimizer_state_dict on a fresh optimiser) runs a step on zero
-    gradients: a transient copy of every gradient."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.requires_grad and p not in opt.state:
-                opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-
-
-def _dcp_state(model, ema, opt, extra):
-    """What a sharded checkpoint holds, as the live tensors themselves (DTensor shards under FSDP2, nothing
-    gathered or copied): dcp.save writes them, dcp.load fills them in place. Optimiser states are keyed by
-    parameter name, so a checkpoint written by N processes loads into M (dcp reshards)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    for o in [opt] + [o for _, o in (extra or {}).values()]:
-        _adamw_state(o)
-    sd = {"model": unwrap(model).state_dict(), "optim": get_optimizer_state_dict(model, opt)}
-    if ema is not None:
-        sd["ema"] = ema.state_dict()
-    for n, (m, o) in (extra or {}).items():
-        train = trainable_names(m)
-        sd[n] = {k: v for k, v in unwrap(m).state_dict().items() if k in train}
-        sd[f"{n}_optim"] = get_optimizer_state_dict(m, o)
-    return sd
-
-
 def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=2, extra=None):
     """Everything needed to resume exactly; `info` is a json-able dict (data position, config, …).
     extra: {name: (model, optimizer)} for further trained networks (DMD's fake score), saved in the same step
     folder as NAME.safetensors and NAME_optim.safetensors, so the switch of `latest` covers them all at once.
     state.json records every tensor's shape (what resume verifies). The `keep` newest step folders up to this
     step stay; newer ones belong to an abandoned run (restarted, or resumed from before them) and go.
-    A sharded model (FSDP2) writes a torch.distributed.checkpoint folder dcp/ instead: every rank writes its own
-    shards of the model, EMA, optimiser and extras (dcp/__RANK_0.distcp, rank 0 also the index dcp/.metadata),
-    nothing is gathered; the per-rank RNG states go to rng.safetensors."""
+    A sharded model (FSDP2) writes a torch.distributed.checkpoint folder dcp/ instead, each rank its own shards,
+    nothing gathered (sharded.save_dcp)."""
     root, name = os.path.join(out, "ckpt"), f"step_{step:06d}"
     tmp = os.path.join(root, name + ".tmp")
     if is_sharded(model):
-        import torch.distributed.checkpoint as dcp
+        import sharded
 
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
-        sd = _dcp_state(model, ema, opt, extra)
-        dcp.save(sd, checkpoint_id=os.path.join(tmp, "dcp"))  # collective: returns once all files are written
-        files = {"rng.safetensors": _rng_tensors(rank_rng_states(generator))}
-        shapes = {k: {n: list(v.shape) for n, v in d.items()} for k, d in sd.items() if not k.endswith("optim")}
-        ometa, extra_meta, world = {}, {n: {} for n in extra or {}}, dist.get_world_size()
+        files, shapes, ometa, extra_meta, world = sharded.save_dcp(tmp, model, ema, opt, generator, rank, extra)
     else:
         msd, osd = full_state_dict(model), _optimizer_state(model, opt)
         extra_sd = {n: (trainable_state(m), _optimizer_state(m, o)) for n, (m, o) in (extra or {}).items()}
@@ -831,9 +684,9 @@ def is_dcp(folder):
 def checkpoint_files(folder, ema, extra):
     """What a resume needs in `folder`: the safetensors files, and for a sharded checkpoint the groups of dcp/."""
     if is_dcp(folder):
-        groups = ["model", "optim"] + (["ema"] if ema is not None else []) + [f"{n}{s}" for n in extra or {}
-                                                                             for s in ("", "_optim")]
-        return ["rng.safetensors"], groups
+        import sharded
+
+        return sharded.dcp_files(ema, extra)
     files = ["model.safetensors", "optim.safetensors"] + (["ema.safetensors"] if ema is not None else [])
     return files + [f"{n}{s}.safetensors" for n in (extra or {}) for s in ("", "_optim")], []
 
@@ -841,7 +694,7 @@ def checkpoint_files(folder, ema, extra):
 def checkpoint_problem(folder, files, groups=()):
     """Why the checkpoint in `folder` cannot be resumed from, in a few words, or None: state.json must be complete
     and each of `files` present, its safetensors header readable (which also catches a truncated file) and its
-    tensors the names and shapes state.json recorded; `groups` must be in dcp/ (_dcp_problem)."""
+    tensors the names and shapes state.json recorded; `groups` must be in dcp/ (sharded.dcp_problem)."""
     try:
         with open(os.path.join(folder, "state.json")) as f:
             state = json.load(f)
@@ -858,28 +711,10 @@ def checkpoint_problem(folder, files, groups=()):
             return f"{fn}: {one_line(e)}"
         if fn in state.get("tensors", {}) and shapes != state["tensors"][fn]:
             return f"{fn}: its tensors are not those state.json records"
-    return _dcp_problem(os.path.join(folder, "dcp"), groups) if groups else None
+    if groups:
+        import sharded
 
-
-def _dcp_problem(path, groups):
-    """Why the torch.distributed.checkpoint folder `path` is unusable, or None: its index (.metadata) must load
-    and hold every group (model, optim, ema, …), and each data file must hold the bytes the index points to."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        meta = FileSystemReader(path).read_metadata()
-    except Exception as e:
-        return f"dcp/.metadata: {one_line(e)}"
-    have = {k.split(".", 1)[0] for k in meta.state_dict_metadata}
-    if any(g not in have for g in groups):
-        return f"dcp/ holds no {', '.join(g for g in groups if g not in have)}"
-    ends = {}
-    for item in meta.storage_data.values():
-        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
-    for fn, end in sorted(ends.items()):
-        f = os.path.join(path, fn)
-        if not os.path.isfile(f) or os.path.getsize(f) < end:
-            return f"dcp/{fn}: missing or truncated"
+        return sharded.dcp_problem(os.path.join(folder, "dcp"), groups)
     return None
 
 
@@ -888,27 +723,21 @@ def one_line(e):
 
 
 def _load_full(model, sd, strict=True):
-    """A whole state dict into a plain or a sharded model (each rank keeps its rows)."""
+    """A whole state dict into a plain or a sharded model (each rank keeps its rows: sharded.load_full)."""
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        import sharded
 
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+        sharded.load_full(model, sd, strict)
     else:
         unwrap(model).load_state_dict(sd, strict=strict)
 
 
 def _load_full_optimizer(model, opt, osd):
-    """A whole optimiser state dict into the optimiser of a plain or a sharded model."""
+    """A whole optimiser state dict into the optimiser of a plain or a sharded model (sharded.load_full_optimizer)."""
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        import sharded
 
-        if all(isinstance(k, int) for k in osd["state"]):  # written by one process or DDP: keyed by position
-            names = {p: n for n, p in unwrap(model).named_parameters()}
-            fqn = dict(zip([i for g in osd["param_groups"] for i in g["params"]],
-                           [names[p] for g in opt.param_groups for p in g["params"]]))
-            osd = {"state": {fqn[i]: st for i, st in osd["state"].items()},
-                   "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in osd["param_groups"]]}
-        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+        sharded.load_full_optimizer(model, opt, osd)
     else:
         opt.load_state_dict(osd)
 
@@ -922,17 +751,9 @@ def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
         raise ValueError(f"{folder} is not a complete checkpoint (no state.json)")
     state = json.load(open(os.path.join(folder, "state.json")))
     if is_dcp(folder):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        import sharded
 
-        sd = _dcp_state(model, ema, opt, extra)
-        with warnings.catch_warnings():  # one process (no process group) is a supported case, not a warning
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(sd, checkpoint_id=os.path.join(folder, "dcp"))  # in place, each rank reading only its rows
-        set_optimizer_state_dict(model, opt, sd["optim"])
-        for n, (m, o) in (extra or {}).items():
-            set_optimizer_state_dict(m, o, sd[f"{n}_optim"])
-        rngs = load_file(os.path.join(folder, "rng.safetensors"))
+        rngs = sharded.load_dcp(folder, model, ema, opt, extra)
     else:
         rngs = load_file(os.path.join(folder, "optim.safetensors"))
         _load_full(model, load_file(os.path.join(folder, "model.safetensors")))
@@ -1002,11 +823,13 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
 
 def export(out, model, ema, kind="teacher", rank=0):
     """Write OUT/transformer and OUT/ema_transformer in the official layout (official names, no prefixes).
-    Sharded models are streamed, one tensor gathered at a time (export_sharded)."""
+    Sharded models are streamed, one tensor gathered at a time (sharded.export_sharded)."""
     if is_sharded(model):
+        import sharded
+
         for name, m in (("transformer", model), ("ema_transformer", ema)):
             if m is not None:
-                export_sharded(m, os.path.join(out, name), f"nanounipic-{kind}", rank)
+                sharded.export_sharded(m, os.path.join(out, name), f"nanounipic-{kind}", rank)
         return
     msd = full_state_dict(model)
     if rank != 0:
@@ -1019,91 +842,6 @@ def export(out, model, ema, kind="teacher", rank=0):
             m = M.MMDiT(base.cfg)
         m.load_state_dict({k: v.detach().cpu() for k, v in sd.items()}, strict=True, assign=True)
         M.save_mmdit(m, os.path.join(out, name), name_or_path=f"nanounipic-{kind}")
-
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-
-
-def write_safetensors(path, entries, tensors, metadata=None):
-    """A safetensors file written one tensor at a time: the header first (every name, dtype and shape is known up
-    front), then each tensor's bytes as `tensors` yields it, so the file is never whole in memory.
-    entries: [(name, dtype, shape)] in the order `tensors` yields them."""
-    header, offset = {}, 0
-    for name, dtype, shape in entries:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for (name, dtype, shape), t in zip(entries, tensors, strict=True):
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _whole(t):
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-
-
-def official_tensors(model):
-    """[(official key, dtype, shape)] of a (sharded) model: LoRA adapters are merged into their Linear's weight."""
-    return [(k, v.dtype, tuple(v.shape)) for k, v in unwrap(model).state_dict().items() if ".lora_" not in k]
-
-
-def gather_official(model, key):
-    """One official tensor of a sharded model, whole on every rank (collective), a LoRA adapter merged in as
-    M.merge_lora does."""
-    owner, _, leaf = key.rpartition(".")
-    mod = unwrap(model).get_submodule(owner)
-    w = _whole(getattr(mod, leaf))
-    if isinstance(mod, M.LoRALinear) and leaf == "weight":
-        w = w + mod.scale * (_whole(mod.lora_B) @ _whole(mod.lora_A)).to(w.dtype)
-    return w
-
-
-def export_sharded(model, path, name_or_path, rank, max_shard_bytes=5 * 2**30):
-    """The official folder of a sharded model (the files M.save_mmdit writes: config.json, shards of at most
-    max_shard_bytes, their index), without the whole model on any host: tensor by tensor, every rank gathers one
-    tensor (collective) and rank 0 appends it to the open shard file."""
-    entries = official_tensors(model)
-    shards, size = [[]], 0
-    for e in entries:
-        nbytes = math.prod(e[2]) * e[1].itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nbytes
-    n, stem = len(shards), M.WEIGHTS
-    names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-        config = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1",
-                  **asdict(unwrap(model).cfg), "_name_or_path": name_or_path}
-        config["axes_dims_rope"] = list(config["axes_dims_rope"])
-        M.atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
-    for shard_entries, name in zip(shards, names):
-        stream = (gather_official(model, k) for k, _, _ in shard_entries)
-        if rank == 0:
-            M.atomic_write(os.path.join(path, name),
-                           lambda p: write_safetensors(p, shard_entries, stream, metadata={"format": "pt"}))
-        else:
-            for _ in stream:  # the same gathers as rank 0, in the same order
-                pass
-    if rank != 0:
-        return
-    index = os.path.join(path, f"{stem}.safetensors.index.json")
-    if n > 1:
-        weight_map = {k: name for es, name in zip(shards, names) for k, _, _ in es}
-        total = sum(math.prod(s) * d.itemsize for _, d, s in entries)
-        M.atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    for f in os.listdir(path):  # files of an earlier save that this one does not use (as save_mmdit)
-        if f.startswith(stem) and f not in names and not (n > 1 and f == os.path.basename(index)):
-            os.remove(os.path.join(path, f))
 
 
 # -----------------------------------------------------------------------------

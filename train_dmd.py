@@ -35,7 +35,7 @@ Official variants (public UniPic-3 trainer), each behind a flag:
     torchrun --nproc_per_node=8 train_dmd.py --assets Qwen-Image-Edit --data train.jsonl \
         --teacher Unipic3/transformer --init CM_RUN/ema_transformer --fsdp true --bf16 true --grad_ckpt true \
         --fake_lora_rank 64 --lr 2e-6 --lr_fake 2e-6 --teacher_cfg 6 --batch 64 --micro_batch 1 --budget 1048576
-                                            # 20B on 8 GPUs: the LoRA fake score fits 80 GB (train_common.memory_plan)
+                                            # 20B on 8 GPUs: the LoRA fake score fits 80 GB (sharded.memory_plan)
 """
 import contextlib
 import copy
@@ -47,15 +47,20 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-import data as D
 import model as M
 import train_common as T
 from pack import pad_text_pair, target_rows
 from sample import TOY_CKPT, SchedulerConfig, cfg_combine, fewstep_times, fewstep_update
-from train_cm import on_path, regression_loss
 
 # -----------------------------------------------------------------------------
 # the objective
+
+
+def fake_score_loss(fake, x0, shapes, txt, txt_mask, t, noise, cos_loss=True):
+    """The fake score F_φ learns the student's distribution by flow matching (Eq. 1, T.fm_loss) on the student's
+    samples x0 [B, N, C], re-noised with `noise` at t [B]; --fake_cos_loss adds mean(1 − cos) over channels (the
+    official trainer); a non-finite loss becomes finite (nan_to_num), as train_cm.py's."""
+    return torch.nan_to_num(T.fm_loss(fake, x0, shapes, txt, txt_mask, t, noise, cos_loss=cos_loss))
 
 
 def dmd_grad(v_teacher, v_fake, t, x0, noise, weighting="official", floor=1e-5):
@@ -107,21 +112,17 @@ def teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t, scale
 
 
 @dataclass
-class Config:
-    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/ (frozen encoders)
-    data: str = "toy:posed"  # "toy:posed", "toy" or an official jsonl (the teacher's cache is reused with its settings)
-    n_data: int = 8000  # the teacher's latent cache is reused
-    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs (toy 128²; official 1024²)
-    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go
-    out: str = "runs/dmd"  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+class Config(T.Config):
+    """train_dmd's flags: the shared ones (T.Config) with the distillation recipe, and the objective's variants."""
+    out: str = "runs/dmd"
     teacher: str = os.path.join(TOY_CKPT, "transformer")  # frozen; also the fake score's init
     init: str = os.path.join(TOY_CKPT, "transformer_cm")  # the student's init: the consistency model
     init2: str = ""  # if set: the student starts from the 50/50 average of init and init2
     steps: int = 100  # student updates (toy: val falls after 100, towards the weaker teacher: README)
-    batch: int = 8  # global batch
-    micro_batch: int = 4  # samples per forward; the rest of the batch is gradient accumulation
+    batch: int = 8
+    micro_batch: int = 4
     lr: float = 2e-5  # student (official 2e-6 at 20B); quarter-cosine to lr_min
-    lr_min: float = 2e-6  # the quarter-cosine decays the lr to this
+    lr_min: float = 2e-6
     lr_fake: float = 2e-5  # fake score (the official code uses the student's lr; the paper says 4e-7)
     fake_updates: int = 4  # fake-score updates per student update (official 4)
     fake_lora_rank: int = 0  # 0: full copy of the teacher (official code); r > 0: LoRA on the shared teacher
@@ -133,22 +134,10 @@ class Config:
     max_gen_steps: int = 4  # backward simulation cycles n = 1 … max_gen_steps; 1 = no backward simulation
     renoise_clamp: bool = True  # re-noise t clamped to [0.02, 0.98] (DMD2 practice)
     logit_mean: float = 0.0  # mean of the logit-normal t of the fake score's loss and the re-noise
-    logit_std: float = 1.0  # std of the logit-normal t
-    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
-    grad_clip: float = 1.0  # global gradient-norm clip
     ema: float = 0.95  # per student update (official)
-    fsdp: bool = False  # FSDP2 per block instead of DDP (the 20B model)
-    bf16: bool = False  # bf16 autocast / FSDP2 bf16 params (GPU)
-    grad_ckpt: bool = False  # activation checkpointing per block of the student and the fake score (memory for time)
-    log_every: int = 5  # steps between metrics.jsonl lines
-    save_every: int = 100  # steps between checkpoints and exported folders
-    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
-    eval_every: int = 100  # steps between validation evaluations
-    eval_cases: int = 16  # ToyCom validation cases at each eval (toy data only)
-    eval_steps: int = 4  # sampler steps at each evaluation
-    eval_cfg: float = 1.0  # CFG at each evaluation
-    seed: int = 0  # data order, noise, t and initial weights
-    resume: bool = False  # continue from OUT/ckpt exactly
+    log_every: int = 5
+    save_every: int = 100
+    eval_every: int = 100
 
 
 def build_models(cfg, device, sharded=False):
@@ -175,18 +164,20 @@ def build_models(cfg, device, sharded=False):
 
 
 def build_sharded(cfg, device):
-    student = T.meta_mmdit(cfg.init)
+    import sharded as SH  # FSDP2 only: the toy path never loads it
+
+    student = SH.meta_mmdit(cfg.init)
     T.freeze_unused(student)
-    T.shard(student, device, cfg.bf16)
-    T.fill_shards(student, [T.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
-    ema = T.sharded_copy(student, device, cfg.bf16)
+    SH.shard(student, device, cfg.bf16)
+    SH.fill_shards(student, [SH.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
+    ema = SH.sharded_copy(student, device, cfg.bf16)
     lora = (cfg.fake_lora_rank, cfg.fake_lora_alpha) if cfg.fake_lora_rank else None
-    teacher = T.sharded_teacher(cfg.teacher, device, cfg.bf16, lora, cfg.seed)  # a LoRA fake score rides on it
+    teacher = SH.sharded_teacher(cfg.teacher, device, cfg.bf16, lora, cfg.seed)  # a LoRA fake score rides on it
     fake = teacher
     if not cfg.fake_lora_rank:
-        fake = T.meta_mmdit(cfg.teacher)
+        fake = SH.meta_mmdit(cfg.teacher)
         T.freeze_unused(fake)
-        T.fill_shards(T.shard(fake, device, cfg.bf16), [T.weight_tensors(cfg.teacher)], cfg.teacher)
+        SH.fill_shards(SH.shard(fake, device, cfg.bf16), [SH.weight_tensors(cfg.teacher)], cfg.teacher)
     return student, ema, teacher, fake
 
 
@@ -243,8 +234,7 @@ def main(cfg):
                                                shapes, txt, txt_mask, n_gen, sched, g, grad=False)
                     t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
                     with T.no_sync(dfake, last=m == accum - 1):
-                        v = dfake(on_path(x0, eps, tgt, t), shapes, txt, txt_mask, t)
-                        loss = regression_loss(v, ((eps - x0) * tgt).float(), tgt, cfg.fake_cos_loss)
+                        loss = fake_score_loss(dfake, x0, shapes, txt, txt_mask, t, eps, cfg.fake_cos_loss)
                         (loss / accum).backward()
                     fake_loss += loss.item() / accum / cfg.fake_updates
                 torch.nn.utils.clip_grad_norm_(dfake.parameters(), cfg.grad_clip)
@@ -260,7 +250,7 @@ def main(cfg):
                                            txt_mask, n_gen, sched, g)
                     t, eps = renoise_t(shapes), torch.randn(x.shape, generator=g).to(device)
                     with torch.no_grad():
-                        xt = on_path(x0.detach(), eps, tgt, t)
+                        xt = T.on_path(x0.detach(), eps, tgt, t)
                         with teacher_off(teacher):
                             v_t = teacher_velocity(teacher, xt, shapes, txt, txt_mask, neg, neg_mask, t,
                                                    cfg.teacher_cfg, cfg.cfg_rescale)

@@ -2,8 +2,10 @@ r"""
 Flow-matching training of the MMDiT (paper §4.2, §5.1, Eq. 1): the teacher of UniPic 3.0.
 
 Each example is one unified sequence [target ‖ ref_1 ‖ … ‖ ref_K]: only the target tokens are noised,
-x_t = (1 − t)·x + t·ε, the references stay clean, and the loss is the velocity error on the target rows.
-Single-image editing and multi-image composition are the same problem here; the toy world mixes both.
+x_t = (1 − t)·x + t·ε, the references stay clean, and the loss is the velocity error on the target rows,
+‖F_θ(x_t, t) − (ε − x)‖² (Eq. 1: `fm_loss` in train_common.py, the one implementation, which train_cm.py and
+train_dmd.py share). Single-image editing and multi-image composition are the same problem here; the toy world
+mixes both.
 
     python train_fm.py                                                 # toy teacher, one process, CPU
     torchrun --standalone --nproc_per_node=2 train_fm.py               # toy teacher, 2 processes (gloo)
@@ -25,70 +27,35 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-import data as D
 import model as M
 import train_common as T
-from pack import target_rows
-from sample import TOY_CKPT
-
-# -----------------------------------------------------------------------------
-# the objective
-
-
-def fm_loss(model, x, shapes, txt, txt_mask, t, noise):
-    """Eq. (1) on the target rows. x, noise [B, N, C] (clean unified sequences, zero-padded); t [B] in (0, 1).
-    Per-sample mean squared velocity error, then the batch mean (the official trainers run batch 1 per GPU)."""
-    tgt = target_rows(shapes, x.shape[1], x.device)[..., None]  # [B, N, 1]
-    tt = t[:, None, None]
-    xt = torch.where(tgt, (1 - tt) * x + tt * noise, x)  # references stay clean
-    v = model(xt, shapes, txt, txt_mask, t)
-    err = (v.float() - (noise - x).float()).pow(2) * tgt
-    return (err.sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
-
 
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
-class Config:
-    assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
-    data: str = "toy:posed"  # "toy:posed" (what the toy teachers train on), "toy" (free layouts) or an official jsonl
-    n_data: int = 8000  # toy samples to generate and cache (≈ 9 minutes once on 2 CPU processes; CM and DMD reuse it)
-    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs; the target alone is resized to it too
-    cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go
-    out: str = "runs/fm"  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
+class Config(T.Config):
+    """train_fm's flags: the shared ones (T.Config: data, batch, optimiser, precision, checkpoints, evaluation) with
+    the teacher's recipe, and the flow-matching ones."""
+    out: str = "runs/fm"
     init: str = ""  # a transformer folder to fine-tune (official or ours); empty: from scratch
     preset: str = "toy"  # the config when starting from scratch
     steps: int = 7000  # the 25-minute quick run: ≈ 5 steps/s on 2 CPU processes (cache apart); the teacher: 12,000
-    batch: int = 16  # global batch; accumulation = batch / (micro_batch · processes)
-    micro_batch: int = 8  # samples per forward; the rest of the batch is gradient accumulation
     lr: float = 4e-3  # toy width 96; ~1/width: 2e-3 beat 1e-3 at width 192 (ToyCom 0.202 vs 0.136), 3e-3 at 128
-    lr_min: float = 4e-4  # the quarter-cosine decays the lr to this
+    lr_min: float = 4e-4
     warmup: int = 50  # linear lr warm-up steps
-    weight_decay: float = 0.05  # AdamW decay (not on biases and norms)
-    grad_clip: float = 1.0  # global gradient-norm clip
     ema: float = 0.998  # EMA decay per step (exported as ema_transformer/)
     cond_drop: float = 0.1  # instruction → " " (same images), so true CFG works at inference
     logit_mean: float = 1.0  # official 0 (use it for real data). The toy target is fully determined by the
     #   references, a skill only high t trains (at mid t the noisy target gives the colours away): with 0, the
     #   x0 error at t = 1 stalled at 0.59 (of 0.75 variance); with 1.0 it fell to 0.38 in the same steps
-    logit_std: float = 1.0  # std of the logit-normal t
     lora_rank: int = 0  # > 0: train LoRA adapters only (merged into the exported folders)
     lora_alpha: float = 16.0  # LoRA scale alpha / rank
-    fsdp: bool = False  # FSDP2 per block instead of DDP (for the 20B model)
-    bf16: bool = False  # bf16 autocast (fp32 master weights) / FSDP2 bf16 params
     compile: bool = False  # torch.compile each block (dynamic shapes; M.compile_blocks)
-    grad_ckpt: bool = False  # activation checkpointing per block (memory for time)
-    log_every: int = 10  # steps between metrics.jsonl lines
-    save_every: int = 500  # steps between checkpoints and exported folders
-    keep_ckpts: int = 2  # step folders kept under OUT/ckpt; resume falls back past a damaged newest one
-    eval_every: int = 7000  # steps between validation evaluations
-    eval_cases: int = 16  # ToyCom validation cases sampled at each eval (toy data only; never the bench)
+    eval_every: int = 7000
     eval_steps: int = 20  # sampler steps at each evaluation
     eval_cfg: float = 2.0  # the toy teacher's best guidance (validation: CFG 1.5 / 2 / 3 → 0.597 / 0.614 / 0.587)
-    seed: int = 0  # data order, noise, t and initial weights
-    resume: bool = False  # continue from OUT/ckpt exactly
 
 
 # -----------------------------------------------------------------------------
@@ -98,9 +65,11 @@ class Config:
 def main(cfg):
     rank, world, device, per_rank, accum, dataset, lengths = T.start_run(cfg)
 
-    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (T.shard, T.fill_shards)
+    sharded = cfg.fsdp and world > 1  # FSDP2: no rank ever holds the whole model (sharded.py, imported only then)
     if sharded:
-        model = T.meta_mmdit(cfg.init or M.PRESETS[cfg.preset])
+        import sharded as SH
+
+        model = SH.meta_mmdit(cfg.init or M.PRESETS[cfg.preset])
     elif cfg.init:
         model = M.load_mmdit(cfg.init, dtype=torch.float32, device="cpu")
     else:
@@ -114,13 +83,13 @@ def main(cfg):
     T.freeze_unused(model)
     if sharded:  # each rank reads its own rows of --init (from scratch: drawn whole, as one process would)
         if cfg.init:
-            source = T.weight_tensors(cfg.init)
+            source = SH.weight_tensors(cfg.init)
         else:
             torch.manual_seed(cfg.seed)
             source = M.MMDiT(M.PRESETS[cfg.preset]).init_weights().state_dict()
-        T.fill_shards(T.shard(model, device, cfg.bf16), [source], cfg.init, cfg.seed)
+        SH.fill_shards(SH.shard(model, device, cfg.bf16), [source], cfg.init, cfg.seed)
         del source
-        ema = T.sharded_copy(model, device, cfg.bf16) if not cfg.lora_rank else None
+        ema = SH.sharded_copy(model, device, cfg.bf16) if not cfg.lora_rank else None
     else:
         ema = M.MMDiT(model.cfg) if not cfg.lora_rank else None
         if ema is not None:
@@ -153,7 +122,7 @@ def main(cfg):
                 noise = torch.randn(x.shape, generator=g).to(device)
                 with T.no_sync(dmodel, last=m == accum - 1), \
                         torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                    loss = fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
+                    loss = T.fm_loss(dmodel, x, shapes, txt, txt_mask, t, noise)
                     (loss / accum).backward()
                 loss_sum += loss.item() / accum
                 real = sum(sum(h * w for h, w in hw) for hw in shapes)  # image tokens
@@ -193,7 +162,9 @@ def main(cfg):
 def export_lora(cfg, dmodel, rank):
     """LoRA runs export the base with the adapters merged in (official keys only)."""
     if T.is_sharded(dmodel):  # streamed, one tensor gathered at a time
-        T.export_sharded(dmodel, os.path.join(cfg.out, "transformer"), "nanounipic-teacher-lora", rank)
+        import sharded
+
+        sharded.export_sharded(dmodel, os.path.join(cfg.out, "transformer"), "nanounipic-teacher-lora", rank)
         return
     sd = T.full_state_dict(dmodel)
     if rank != 0:

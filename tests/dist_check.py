@@ -10,7 +10,6 @@ import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import model as M  # noqa: E402
 import train_common as T  # noqa: E402
-from train_fm import fm_loss  # noqa: E402
 
 rank, world, device = T.setup_dist()
 torch.manual_seed(0)
@@ -31,7 +30,7 @@ def train(model, rows, steps=2):
     for _ in range(steps):
         for k, r in enumerate(rows):
             with T.no_sync(model, last=k == len(rows) - 1):
-                (fm_loss(model, x[r], [shapes[i] for i in r], txt[r], mask[r], t[r], noise[r]) / len(rows)).backward()  # DDP/FSDP2 average over ranks
+                (T.fm_loss(model, x[r], [shapes[i] for i in r], txt[r], mask[r], t[r], noise[r]) / len(rows)).backward()  # DDP/FSDP2 average over ranks
         opt.step()
         opt.zero_grad()
     return T.full_state_dict(model)
@@ -48,7 +47,7 @@ def clone():
 single = clone()
 opt = T.make_optimizer(single, 1e-3)
 for _ in range(2):
-    fm_loss(single, x, shapes, txt, mask, t, noise).backward()
+    T.fm_loss(single, x, shapes, txt, mask, t, noise).backward()
     opt.step()
     opt.zero_grad()
 ref = {k: v.detach() for k, v in single.state_dict().items()}

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import model as M
 import sample as S
 import train_cm as C
+import train_common as T
 from pack import target_rows
 
 from test_train import tiny_batch, torchrun
@@ -40,7 +41,7 @@ def test_finite_difference_tangent_matches_jvp():
     model = tiny_model()
     x, shapes, txt, mask, noise, tgt = batch()
     t = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
-    f = lambda tt: model(C.on_path(x, noise, tgt, tt), shapes, txt, mask, tt) * tgt
+    f = lambda tt: model(T.on_path(x, noise, tgt, tt), shapes, txt, mask, tt) * tgt
     with pytest.raises(NotImplementedError):  # the fused kernel the trainer runs on
         torch.func.jvp(f, (t,), (torch.ones_like(t),))
     with sdpa_kernel(SDPBackend.MATH):
@@ -56,8 +57,8 @@ def test_tangent_clamps_at_the_ends():
     x, shapes, txt, mask, noise, tgt = batch()
     t = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
     fd = C.tangent(model, x, noise, tgt, shapes, txt, mask, t)
-    one_sided = (model(C.on_path(x, noise, tgt, t), shapes, txt, mask, t)
-                 - model(C.on_path(x, noise, tgt, t - 5e-3), shapes, txt, mask, t - 5e-3)) / 5e-3
+    one_sided = (model(T.on_path(x, noise, tgt, t), shapes, txt, mask, t)
+                 - model(T.on_path(x, noise, tgt, t - 5e-3), shapes, txt, mask, t - 5e-3)) / 5e-3
     assert torch.allclose(fd[0], (one_sided * tgt)[0], atol=1e-10) and torch.isfinite(fd).all()
 
 
@@ -73,7 +74,7 @@ def test_cm_loss_equals_hand_computation(variant):
     t = torch.tensor([0.25, 0.5, 0.999], dtype=torch.float64)
 
     target, _ = C.cm_target(student, x, noise, tgt, shapes, txt, mask, t, cfg, guide, neg, neg_mask)
-    loss = C.regression_loss(student(C.on_path(x, noise, tgt, t), shapes, txt, mask, t), target, tgt, cfg.cos_loss)
+    loss = C.cm_loss(student, x, shapes, txt, mask, t, noise, target, cfg.cos_loss)
 
     # by hand, one sample at a time
     h, total = cfg.fd_eps, 0.0

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+import sharded as SH  # noqa: E402
 import train_common as T  # noqa: E402
 
 # ~260M parameters (0.96 GiB in fp32), 12 blocks of width 768; text width 64 = the tiny pipeline's text encoder
@@ -31,7 +32,7 @@ GiB = 2**30
 def write_official(folder, cfg, seed=0, shard_bytes=200 * 2**20):
     """A random MMDiT folder as the official release stores it: config.json, bf16 safetensors shards and their
     index, written a shard at a time (the whole model is never in memory)."""
-    meta = T.meta_mmdit(cfg)
+    meta = SH.meta_mmdit(cfg)
     config = {"_class_name": "QwenImageTransformer2DModel", **{k: getattr(cfg, k) for k in
               ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
                "num_attention_heads", "joint_attention_dim", "guidance_embeds")}, "axes_dims_rope": list(cfg.axes_dims_rope)}
@@ -93,7 +94,7 @@ def test_fsdp_memory_per_rank_stays_near_the_sharded_state(tiny_pipeline, tmp_pa
     checkpoints and exports gather nothing whole, the step's transients stay under 0.7F. The code before this path
     existed peaked at 5.8F on this run."""
     init = write_official(str(tmp_path / "official"), BIG)
-    params = sum(v.numel() for v in T.meta_mmdit(BIG).state_dict().values())
+    params = sum(v.numel() for v in SH.meta_mmdit(BIG).state_dict().values())
     F = params * 4
     out = str(tmp_path / "run")
     t0 = time.time()
@@ -119,7 +120,7 @@ def test_fsdp_memory_per_rank_stays_near_the_sharded_state(tiny_pipeline, tmp_pa
     # the streamed export is the checkpoint's weights exactly, and loads in diffusers with the same outputs
     import torch.distributed.checkpoint as dcp
 
-    ema = T.meta_mmdit(BIG).to_empty(device="cpu")
+    ema = SH.meta_mmdit(BIG).to_empty(device="cpu")
     dcp.load({"ema": ema.state_dict()}, checkpoint_id=os.path.join(T.latest_checkpoint(out), "dcp"), no_dist=True)
     exported = M.load_mmdit(os.path.join(out, "ema_transformer"))
     assert all(torch.equal(v, exported.state_dict()[k]) for k, v in ema.state_dict().items())
@@ -188,7 +189,7 @@ def test_export_sharded_writes_what_save_mmdit_writes(tmp_path):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    T.export_sharded(model, str(tmp_path / "s"), "x", rank=0, max_shard_bytes=30_000)
+    SH.export_sharded(model, str(tmp_path / "s"), "x", rank=0, max_shard_bytes=30_000)
     M.save_mmdit(M.merge_lora(model), str(tmp_path / "m"), max_shard_bytes=30_000, name_or_path="x")
     assert sorted(os.listdir(tmp_path / "s")) == sorted(os.listdir(tmp_path / "m"))
     for f in os.listdir(tmp_path / "m"):
@@ -243,10 +244,10 @@ def saved_bytes(layers, img_tokens, txt_tokens, ckpt):
 def test_memory_plan_counts():
     """memory_plan's activation constants are what autograd saves per block (56 bytes per token per unit of width,
     2 with --grad_ckpt), and its state is the issue's arithmetic for the 20.4B model on 8 GPUs."""
-    for ckpt, per in ((False, T.ACT_BYTES), (True, T.CKPT_BYTES)):
+    for ckpt, per in ((False, SH.ACT_BYTES), (True, SH.CKPT_BYTES)):
         block = saved_bytes(2, 1024, 128, ckpt) - saved_bytes(1, 1024, 128, ckpt)
         assert abs(block / ((1024 + 128) * 256) - per) < 0.05 * per, block / ((1024 + 128) * 256)
-    plan = T.memory_plan()
+    plan = SH.memory_plan()
     assert 20.3 < plan["params (B)"] < 20.5
     assert plan["state"]["FM"] == pytest.approx(20 * plan["params (B)"] / 8)  # GB per GPU: fp32 w, g, 2 moments, EMA
     assert plan["state"]["DMD, full fake score"] == pytest.approx(38 * plan["params (B)"] / 8)  # 776 GB in all

@@ -379,3 +379,26 @@ def test_config_flags_take_their_help_from_the_field_comments(capsys):
     with pytest.raises(SystemExit):
         S.parse_config(Demo, ["--quiet", "ture"])  # not silently False
     assert "expected true or false" in capsys.readouterr().err
+
+
+@dataclass
+class DemoRun(Demo):
+    lr: float = 3e-3
+    steps: int = 20  # optimiser steps of this run
+    seed: int = 0  # data order
+
+
+def test_inherited_flags_keep_the_base_comment(capsys):
+    """The trainers' Configs extend train_common.Config: a field a subclass only re-defaults keeps the base's
+    comment, a subclass's own comment wins, and --help shows the subclass's defaults."""
+    assert S.field_comments(DemoRun) == {"lr": "learning rate, 50% of the paper's", "quiet": "no progress bar",
+                                         "steps": "optimiser steps of this run", "seed": "data order"}
+    entries = flag_help(help_text(lambda argv: S.parse_config(DemoRun, argv, "demo"), capsys))
+    assert entries["--lr"] == "--lr FLOAT learning rate, 50% of the paper's (default: 0.003)"
+    assert entries["--seed"] == "--seed INT data order (default: 0)"
+    import train_common as T
+    import train_dmd
+
+    assert issubclass(train_dmd.Config, T.Config)
+    comments = S.field_comments(train_dmd.Config)
+    assert comments["assets"].startswith("pipeline root") and comments["ema"] == "per student update (official)"

@@ -32,7 +32,7 @@ def test_fm_loss_decreases_on_a_fixed_batch():
     t, noise = torch.tensor([0.3, 0.6, 0.9]), torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(40):
-        loss = F.fm_loss(model, x, shapes, txt, mask, t, noise)
+        loss = T.fm_loss(model, x, shapes, txt, mask, t, noise)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -75,11 +75,11 @@ def test_fm_loss_ignores_references_and_padding():
     model = M.MMDiT(M.PRESETS["tiny"]).init_weights()
     x, shapes, txt, mask = tiny_batch()
     t, noise = torch.tensor([0.3, 0.6, 0.9]), torch.randn(x.shape)
-    base = F.fm_loss(model, x, shapes, txt, mask, t, noise)
+    base = T.fm_loss(model, x, shapes, txt, mask, t, noise)
     noise2 = noise.clone()
     noise2[0, 6:] = 1e3  # sample 0's reference rows and padding: noise never reaches them
     noise2[1, 6:] = 1e3  # sample 1's padding
-    assert torch.equal(F.fm_loss(model, x, shapes, txt, mask, t, noise2), base)
+    assert torch.equal(T.fm_loss(model, x, shapes, txt, mask, t, noise2), base)
 
 
 def test_timesteps_logit_normal_and_shifted():
@@ -168,7 +168,7 @@ def test_checkpoint_killed_mid_write_keeps_the_previous(tiny_pipeline, tmp_path,
 
 def test_nan_loss_stops_with_a_message(tiny_pipeline, tmp_path, monkeypatch):
     out = str(tmp_path / "n")
-    real = F.fm_loss
+    real = T.fm_loss
     calls = []
 
     def poisoned(*a):
@@ -176,7 +176,7 @@ def test_nan_loss_stops_with_a_message(tiny_pipeline, tmp_path, monkeypatch):
         loss = real(*a)
         return loss * float("nan") if len(calls) > 4 else loss  # steps 1-2 fine, step 3 NaN
 
-    monkeypatch.setattr(F, "fm_loss", poisoned)
+    monkeypatch.setattr(T, "fm_loss", poisoned)
     with pytest.raises(SystemExit, match="loss is nan at step 2.*step_000002"):
         run_fm(tiny_pipeline, out, steps=4)
 
