@@ -257,6 +257,34 @@ def mmdit_mixed_batch(args, items):
                f"{len(items)} toy samples, {1 - real / rows:.0%} padded rows", res)
 
 
+def bench_compile(args, items):
+    """train_fm --compile against eager: one training step (Eq. 1 loss, backward, AdamW) on a real cached toy
+    micro-batch (mixed shapes), for the toy width and the v3 teacher's; the same initial weights on both sides."""
+    import train_common as T
+
+    x, shapes, txt, mask = T.make_batch(items, 0.0, torch.Generator().manual_seed(0), "cpu")
+    t = torch.rand(len(items), generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    rows = []
+    for name in ("toy", "toy-144"):
+        eager = M.MMDiT(M.PRESETS[name]).init_weights()
+        compiled = M.MMDiT(eager.cfg)
+        compiled.load_state_dict(eager.state_dict())
+        M.compile_blocks(compiled)
+
+        def step(model, opt):
+            T.fm_loss(model, x, shapes, txt, mask, t, noise).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        opt_c, opt_e = T.make_optimizer(compiled, 1e-4), T.make_optimizer(eager, 1e-4)
+        fns = {"ours": lambda: step(compiled, opt_c), "ref": lambda: step(eager, opt_e)}
+        res = measure(fns, args.repeats, torch.device("cpu"), args.clock)
+        params = sum(p.numel() for p in eager.parameters()) / 1e6
+        rows.append(row(f"`{name}` ({params:.2f}M) fwd+bwd+AdamW", f"{len(items)} cached toy samples, "
+                        f"{len(items) / res['ours'][0]:.0f} vs {len(items) / res['ref'][0]:.0f} samples/s", res))
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # the VAE against diffusers, the condition encoder against transformers
 
@@ -444,6 +472,9 @@ def cpu_table(args):
                    "reference")
         print("\n(speed-up = reference time / ours; the references are diffusers' QwenImageTransformer2DModel and "
               "AutoencoderKLQwenImage, transformers' Qwen2_5_VLModel)")
+        if trained and not (args.quick or args.tiny):  # compiling takes ≈ 90 s a model on one core
+            print_rows(f"Training step, `train_fm --compile true` (torch.compile per block) against eager, "
+                       f"{torch.get_num_threads()} thread(s)", bench_compile(args, trained[2]), "eager")
 
         cfg = M.PRESETS["tiny" if args.tiny else "toy"]
         net = M.MMDiT(cfg).eval()

@@ -1,7 +1,7 @@
 r"""
 Rebuild the whole toy pipeline from nothing and print the results table — the method end to end:
 
-    python reproduce.py                  # 82 min on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
+    python reproduce.py                  # ≈ 2.5 h on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
     python reproduce.py --quick          # the same models, judged on the quick bench subset (40 + 10 cases)
     python reproduce.py --tiny           # seconds: every stage at toy-of-toy size (what tests/test_reproduce.py runs)
 
@@ -35,9 +35,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the committed recipe (README "How to train"); --tiny swaps in the sizes of a smoke test
 FULL = dict(
     assets=["--vae_steps", "1600"],
-    teacher=["--data", "toy:posed", "--n_data", "8000", "--steps", "12000", "--lr_min", "4e-5", "--eval_cases", "0"],
-    cm=["--data", "toy:posed", "--n_data", "8000", "--guidance", "1", "--steps", "600", "--eval_cases", "0"],
-    dmd=["--data", "toy:posed", "--n_data", "8000", "--steps", "100", "--micro_batch", "4", "--eval_cases", "0"],
+    teacher=["--data", "toy:posed", "--n_data", "12000", "--preset", "toy-144", "--compile", "true", "--steps", "16000",
+             "--lr", "3e-3", "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],
+    cm=["--data", "toy:posed", "--n_data", "12000", "--guidance", "1", "--steps", "600", "--eval_cases", "0"],
+    dmd=["--data", "toy:posed", "--n_data", "12000", "--steps", "100", "--micro_batch", "4", "--eval_cases", "0"],
     bench=[],  # the full ToyCom-Bench v2: 200 composition + 100 editing cases
 )
 QUICK_BENCH = ["--n", "40", "--n_edit", "10"]
