@@ -313,21 +313,27 @@ def vae_round_trip(img):
     return np.asarray(pack.tensor_to_image(x), np.float32)
 
 
-def _fidelity(gf, t_img, lay, tf, box, ground):
+def _fidelity(gf, t_img, bg_img, lay, tf, box, ground, vae=True):
     """(t_img, clean shares, worst region, equivalent blur) of g [H, W, 3] float against the re-render t_img at layout
-    lay. A pixel is clean within CLEAN of any reference — the render, its VAE round trip, its blurs up to the
-    output's own plus 0.5 px — each allowed a one-pixel shift (the VAE moves a small disk's centre by a pixel)."""
+    lay, whose background alone is bg_img. A pixel is clean within CLEAN of any reference — the render, its blurs up to the output's own plus 0.5 px,
+    and (only where those leave a region short of CLEAN_HI) its VAE round trip — each allowed a one-pixel shift
+    (the VAE moves a small disk's centre by a pixel)."""
     H, W = gf.shape[:2]
     blur = equivalent_blur(gf, t_img)
-    refs = [np.asarray(t_img, np.float32), vae_round_trip(t_img)] + [
-        np.asarray(t_img.filter(ImageFilter.GaussianBlur(r)), np.float32) for r in [blur] + [r for r in BLURS if 0 < r <= blur + 0.5]]
     err = np.full((H, W), np.inf, dtype=np.float32)
-    for r in refs:
-        rp = np.pad(r, ((1, 1), (1, 1), (0, 0)), mode="edge")
+
+    def add(ref):  # err = min(err, the ref's max-channel error under every 1-px shift)
+        rp = np.pad(ref, ((1, 1), (1, 1), (0, 0)), mode="edge")
         for dy in range(3):
             for dx in range(3):
-                err = np.minimum(err, np.abs(gf - rp[dy:dy + H, dx:dx + W]).max(-1))
-    shares = clean_shares(err <= 255 * CLEAN, t_img.size, lay, tf, box, ground)
+                np.minimum(err, np.abs(gf - rp[dy:dy + H, dx:dx + W]).max(-1), out=err)
+    for r in [0.0, blur] + [r for r in BLURS if 0 < r <= blur + 0.5]:
+        add(np.asarray(t_img.filter(ImageFilter.GaussianBlur(r)) if r else t_img, np.float32))
+    bare = (np.asarray(t_img) == np.asarray(bg_img)).all(-1)  # where the render shows the bare background
+    shares = clean_shares(err <= 255 * CLEAN, bare, t_img.size, tf, box, ground)
+    if vae and min(shares.values()) < CLEAN_HI:  # the VAE round trip only adds clean pixels: run it if it may matter
+        add(vae_round_trip(t_img))
+        shares = clean_shares(err <= 255 * CLEAN, bare, t_img.size, tf, box, ground)
     return t_img, shares, min(shares, key=shares.get), blur
 
 
@@ -354,11 +360,12 @@ def _sun_guess(gf, t_none, sky_img, size, bare_only):
     return [int(x) + k // 2, int(y) + k // 2]
 
 
-def clean_shares(clean_px, size, lay, tf, box, ground):
+def clean_shares(clean_px, bare, size, tf, box, ground):
     """The share of clean pixels in the whole image and in each region whose content the inputs leave free, each on
-    its own: the five item regions (the hand regions hold the arm too), the band of rows the horizon may take (scenes
-    with a ground) and the sky's worst sun-sized window (a faint or missing sun). A ghost arm, a blended horizon or
-    a half-transparent sun is a few percent of the image but most of its own region."""
+    its own: the five item regions (the hand regions hold the arms), the band of rows the horizon may take (scenes
+    with a ground) and the sky's worst sun-sized window, over the pixels where the re-render shows the bare
+    background (bare: a faint, extra or missing sun; a ghost arm in the sky — not the person's own details). A ghost
+    arm, a blended horizon or a half-transparent sun is a few percent of the image but most of its own region."""
     W, H = size
     shares = {"image": float(clean_px.mean())}
     for r, b in box.items():
@@ -367,8 +374,11 @@ def clean_shares(clean_px, size, lay, tf, box, ground):
             shares[r] = float(px.mean())
     if ground:
         shares["horizon"] = float(clean_px[math.floor(HORIZON[0] * H) - 2: math.ceil(HORIZON[1] * H) + 2].mean())
-    box, k = _sky_windows(clean_px, size)
-    shares["sun"] = float(box.min()) / (k * k)
+    n_bare, k = _sky_windows(bare, size)
+    n_clean, _ = _sky_windows(clean_px & bare, size)
+    mostly_bare = n_bare >= k * k / 2  # windows that are mostly sky
+    if mostly_bare.any():
+        shares["sun"] = float((n_clean[mostly_bare] / n_bare[mostly_bare]).min())
     return shares
 
 
@@ -455,22 +465,31 @@ def judge(image, scene):
         c = got[r] if got[r] != "unrecognised" else expect[r]
         if c:
             shown[c[0]] = list(c[1:])
+    if shown != items or seen_person != person:  # quality at the layout that explains the items as seen
+        lay = fit_layout(g, size, seen_bg or bg, details, seen_person, shown, given, fixed)
+        tf, box = transform(size, lay), regions(lay["hands"])
     gf, ground = g.astype(np.float32), SCENES[seen_bg or bg][1] is not None
     render = lambda o: draw_scene(size, seen_bg or bg, seen_person, shown, o)
     # a free sun the judge is unsure of (faint or off-colour after the VAE, half hidden) is judged several ways — at
     # the position fitted, absent, at the sky's least-explained sun-sized spot (over the bare sky, then anywhere) —
     # until one leaves the image fully clean; the best one stands
     options = [lay]
-    if not fixed:
+    if not fixed and bg_ok:  # (with the wrong background quality is 0 whatever the sun)
         none = dict(lay, sun=None)
         t_none, sky = render(none), draw_background(size, seen_bg or bg, none)[0]
-        options += [none] + [dict(lay, sun=_sun_guess(gf, t_none, sky, size, bare)) for bare in (True, False)]
+        for bare in (True, False):  # each guess refined on renders, as the fitted sun was
+            sx, sy = _sun_guess(gf, t_none, sky, size, bare)
+            err = lambda p: float(((np.asarray(render(dict(lay, sun=p)), np.float32) - gf) ** 2).sum())
+            sx, sy = min(([sx + i, sy + j] for i in range(-8, 9, 2) for j in range(-8, 9, 2)), key=err)
+            options.append(dict(lay, sun=min(([sx + i, sy + j] for i in range(-1, 2) for j in range(-1, 2)), key=err)))
+        options.insert(1, none)
     best, tried = None, []
     for o in options:
         if o["sun"] in tried:
             continue
         tried.append(o["sun"])
-        t_img, shares, worst, blur = _fidelity(gf, render(o), o, tf, box, ground)
+        t_img, shares, worst, blur = _fidelity(gf, render(o), draw_background(size, seen_bg or bg, o)[0], o, tf, box,
+                                               ground, vae=bg_ok)
         if best is None or shares[worst] > best[2][best[3]]:
             best = (o, t_img, shares, worst, blur)
         if shares[worst] >= CLEAN_HI:
