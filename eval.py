@@ -71,7 +71,7 @@ from tqdm import tqdm
 import pack
 import sample
 import vae as V
-from data import (BENCH_SEED, BENCH_WORLD, BOTH_HAND_YS, CATEGORIES, CATS_AT, COLOURS, EDIT_OPS, HAND_Y, HAND_YS, HEADS,
+from toyworld import (BENCH_SEED, BENCH_WORLD, BOTH_HAND_YS, CATEGORIES, CATS_AT, COLOURS, EDIT_OPS, HAND_Y, HAND_YS, HEADS,
                   HORIZON, POSITIONS, SCALES, SCENES, SHIRTS, SKINS, SUN, SUN_R, TRAIN_SEED, VAL_SEED, ToyWorld,
                   WorldConfig, draw_background, draw_scene, hand_centres, paint_item, paint_person, render_target,
                   scene_key, transform)
@@ -144,6 +144,12 @@ def _maxdiff(g, colour):  # [H, W] max-channel distance of every pixel to one co
     return np.abs(g.astype(np.int16) - np.array(colour, dtype=np.int16)).max(-1)
 
 
+def _window_sums(px, k):
+    """Sums of px [H, W] over every k × k window (integral image): [H − k + 1, W − k + 1], float64."""
+    ii = np.pad(px.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k]
+
+
 def fit_background(g, size):
     """The scene and its details (horizon row, sun centre) that best explain g: (name, details, share of the
     pixels its render explains), or (None, None, best share) below BG_MIN."""
@@ -162,9 +168,7 @@ def fit_background(g, size):
         lit = np.clip(1 - _maxdiff(g, SUN) / 80, 0, 1)  # soft: a blurred or half-hidden sun still shows
         lit[horizon if bottom else H:] = 0
         if lit.sum() >= 0.05 * math.pi * r * r:  # the box of the disk's size holding the most sun-coloured pixels
-            ii = np.pad(lit.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # (a candidate: fit_layout keeps it if it fits)
-            k = 2 * r + 1
-            box = ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k]  # [H - k + 1, W - k + 1]
+            box = _window_sums(lit, 2 * r + 1)  # (a candidate: fit_layout keeps it if it fits)
             y, x = np.unravel_index(int(box.argmax()), box.shape)
             sun = [int(x) + r, int(y) + r]
         details = dict(horizon=horizon, sun=sun)
@@ -279,11 +283,15 @@ def fit_layout(g, size, bg, details, person, items, given=None, fixed_details=Fa
     if SCENES[bg][1]:  # the row profile can miss the horizon by a row where the person covers it: refine on renders
         lay["horizon"] = min(range(max(0, lay["horizon"] - 2), min(size[1], lay["horizon"] + 2) + 1),
                              key=lambda h: err(horizon=h))
-    if lay["sun"]:  # the box-filter peak moves where the person hides part of the sun: coarse, then fine (whether
-        sx, sy = lay["sun"]  # a sun there fits better than none is the judge's to decide, on quality)
-        sx, sy = min(([sx + i, sy + j] for i in range(-8, 9, 2) for j in range(-8, 9, 2)), key=lambda p: err(sun=p))
-        lay["sun"] = min([[sx + i, sy + j] for i in range(-1, 2) for j in range(-1, 2)], key=lambda p: err(sun=p))
+    if lay["sun"]:  # the box-filter peak moves where the person hides part of the sun (whether a sun there fits
+        lay["sun"] = refine_sun(lay["sun"], lambda p: err(sun=p))  # better than none is the judge's to decide)
     return lay
+
+
+def refine_sun(sun, err):
+    """The sun centre near `sun` with the least err(centre): an 8-px neighbourhood in steps of 2, then ±1 px."""
+    sx, sy = min(([sun[0] + i, sun[1] + j] for i in range(-8, 9, 2) for j in range(-8, 9, 2)), key=err)
+    return min(([sx + i, sy + j] for i in range(-1, 2) for j in range(-1, 2)), key=err)
 
 
 def equivalent_blur(g, t_img):
@@ -340,9 +348,7 @@ def _fidelity(gf, t_img, bg_img, lay, tf, box, ground, vae=True):
 def _sky_windows(px, size):
     """Sums of px [H, W] over every sun-sized window of the upper half (where the world puts a sun), and k."""
     k = 2 * math.ceil(SUN_R * min(size)) + 1
-    sky = px[: max(k, size[1] // 2 + k // 2)].astype(np.float64)
-    ii = np.pad(sky.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    return ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k], k
+    return _window_sums(px[: max(k, size[1] // 2 + k // 2)], k), k
 
 
 def _sun_guess(gf, t_none, sky_img, size, bare_only):
@@ -478,10 +484,8 @@ def judge(image, scene):
         none = dict(lay, sun=None)
         t_none, sky = render(none), draw_background(size, seen_bg or bg, none)[0]
         for bare in (True, False):  # each guess refined on renders, as the fitted sun was
-            sx, sy = _sun_guess(gf, t_none, sky, size, bare)
             err = lambda p: float(((np.asarray(render(dict(lay, sun=p)), np.float32) - gf) ** 2).sum())
-            sx, sy = min(([sx + i, sy + j] for i in range(-8, 9, 2) for j in range(-8, 9, 2)), key=err)
-            options.append(dict(lay, sun=min(([sx + i, sy + j] for i in range(-1, 2) for j in range(-1, 2)), key=err)))
+            options.append(dict(lay, sun=refine_sun(_sun_guess(gf, t_none, sky, size, bare), err)))
         options.insert(1, none)
     best, tried = None, []
     for o in options:
@@ -799,6 +803,9 @@ def main(argv=None):
     p.add_argument("--coverage_cases", type=int, default=40, help="compositions for --coverage")
     p.add_argument("--out", default="out/eval", help="folder for table.json, scores.jsonl and grid.png")
     args = p.parse_args(argv)
+    for flag in ("n", "n_edit", "coverage", "coverage_cases"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     cases = toycom_cases(args.n, args.n_edit, args.split)
     try:
         if args.transformer:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-import data
+import toyworld
 import model as M
 import text_encoder as TE
 import vae as V
@@ -243,14 +243,16 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu", off
 
 
 @torch.no_grad()
-def generate(pipe, prompts, images, *, steps=None, cfg=4.0, sampler=None, seed=0, height=None, width=None,
+def generate(pipe, prompts, images, *, steps=None, cfg=None, sampler=None, seed=0, height=None, width=None,
              max_images=6, vae_tile=None, progress=True):
     """prompts: B strings; images: B lists of 1–max_images PIL images (any size and mode).
+    cfg: the true CFG scale, default the pipeline's best for the sampler (model_index.json, as the CLI; else 4).
     Output size: height × width (multiples of 16), default the square of the pixel budget (1024² officially).
     vae_tile: VAE-encode and decode in overlapping windows of this many pixels a side (a multiple of 32, e.g. 256),
     which bounds the VAE's memory at 1024² on a small GPU. Returns B PIL images."""
     sampler = sampler or pipe.sampler
     steps = steps or (50 if sampler == "euler" else 8)
+    cfg = pipe.default_cfg(sampler) if cfg is None else cfg
     if sampler not in ("euler", "fewstep"):
         raise ValueError(f"unknown sampler {sampler!r} (euler or fewstep)")
     if len(prompts) != len(images):
@@ -376,7 +378,7 @@ DEFAULT_PROMPT = "Combine the reference images to generate the final result."  #
 
 def builtin_example():
     """A held-out toy-world composition case: its inputs, instruction and exact target."""
-    case = data.ToyWorld(seed=data.EXAMPLE_SEED).sample(0)
+    case = toyworld.ToyWorld(seed=toyworld.EXAMPLE_SEED).sample(0)
     return case["input_images"], case["instruction"], case["output_image"]
 
 

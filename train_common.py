@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data as D
+import toyworld
 import model as M
 from pack import collate, pad_text, target_rows, unified_sequence
 import eval as E
@@ -67,7 +68,7 @@ class Config:
     assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
     data: str = "toy:posed"  # "toy:posed" (what the toy models train on), "toy" (free layouts) or an official jsonl
     n_data: int = 12000  # toy samples to generate and cache (≈ 18 minutes once on 2 CPU processes; CM, DMD reuse it)
-    budget: int = D.TOY_BUDGET  # joint pixel budget of the inputs, and of the target (toy 128², official 1024²)
+    budget: int = toyworld.TOY_BUDGET  # joint pixel budget of the inputs, and of the target (toy 128², official 1024²)
     cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go (one cache serves the three trainers)
     out: str  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/
     init: str  # the transformer folder training starts from
@@ -449,7 +450,7 @@ def build_cache(cfg, rank, world):
     VAE is never reused; a complete cache written by any number of processes is reused as it is. A killed build
     resumes at its first unfinished shard (D.cache_latents); a corrupt shard stops the run with one line."""
     files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder") for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
-    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, D.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
+    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, toyworld.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
     root = os.path.join(cfg.cache, hashlib.sha1(key.encode()).hexdigest()[:12])
     complete = lambda w: all(os.path.exists(os.path.join(root, f"part{r}of{w}", "index.json")) for r in range(w))
     built = sorted(int(d.rpartition("of")[2]) for d in (os.listdir(root) if os.path.isdir(root) else [])
@@ -461,7 +462,7 @@ def build_cache(cfg, rank, world):
         te = TE.load_text_encoder(cfg.assets)
         toy = D.toy_world_config(cfg.data)
         if toy:
-            ds = D.ToyDataset(cfg.n_data, seed=D.TRAIN_SEED + cfg.seed, budget=cfg.budget, cfg=toy)
+            ds = D.ToyDataset(cfg.n_data, seed=toyworld.TRAIN_SEED + cfg.seed, budget=cfg.budget, cfg=toy)
         else:
             ds = D.JsonlDataset(cfg.data, budget=cfg.budget)
         shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))

@@ -13,16 +13,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def make_tiny_pipeline(root, budget=64 * 64):
     """A complete pipeline folder in the official layout with tiny random parts (VAE, Qwen2.5-VL, MMDiT),
     small enough to build in a second: what the sampler and the trainers load."""
-    import data as D
     import model as M
     import text_encoder as TE
+    import toy_assets
     import vae as V
 
     torch.manual_seed(0)
     vae = V.VAE(V.VAEConfig(base_dim=8, latents_mean=[0.1] * 16, latents_std=[0.5] * 16))
     V.save_vae(vae.eval(), os.path.join(root, "vae"))
     corpus = [f"Show the person from Image1 wearing the red cap from Image{k}." for k in range(2, 7)]
-    vocab, merges = D.train_bpe(corpus, 300)
+    vocab, merges = toy_assets.train_bpe(corpus, 300)
     TE.save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
     tok = TE.Tokenizer.from_folder(os.path.join(root, "tokenizer"))
     te = TE.TextEncoder(TE.toy_config(tok), tok)

@@ -1,4 +1,4 @@
-"""data.py: the toy world (HOI conflict matrix, sources, sizes, determinism, throughput), the jsonl loader and
+"""toyworld.py and data.py: the toy world (HOI conflict matrix, sources, sizes, determinism, throughput), the jsonl loader and
 its validation, the joint resize of samples, the latent / embedding cache."""
 import io
 import json
@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import pack
-from data import (BENCH_SEED, CATEGORIES, COLOURS, CONFLICT, EDIT_OPS, OUT_SIZES, POSITIONS, TOY_BUDGET, JsonlDataset,
-                  LatentDataset, ToyDataset, ToyWorld, WorldConfig, cache_latents, draw_scene, instruction_corpus,
-                  write_jsonl)
+from data import JsonlDataset, LatentDataset, ToyDataset, cache_latents, write_jsonl
+from toyworld import (BENCH_SEED, CATEGORIES, COLOURS, CONFLICT, EDIT_OPS, OUT_SIZES, POSITIONS, TOY_BUDGET, ToyWorld,
+                      WorldConfig, draw_scene, instruction_corpus)
 
 PERSON = {"head": "round", "skin": "tan", "shirt": "teal"}
 
@@ -224,7 +224,8 @@ def test_training_edits_and_bench_edits_are_one_distribution():
     different layout distribution: the person near the full frame at one scale, the pose, horizon and sun on the
     posed grid, the same ops, item counts and source rescaling. (Compositions differ on purpose: trained posed,
     judged on any valid layout.)"""
-    from data import BENCH_WORLD, HAND_YS, LAYOUTS, toy_world_config
+    from data import toy_world_config
+    from toyworld import BENCH_WORLD, HAND_YS, LAYOUTS
     train = ToyWorld(0, toy_world_config("toy:posed"))
     bench = ToyWorld(BENCH_SEED, BENCH_WORLD, held_out=True)
     n = 300

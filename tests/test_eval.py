@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (BENCH_SEED, BOTH_HAND_YS, CATS_AT, COLOURS, EDIT_OPS, HAND_YS, OUT_SIZES, POSITIONS, SCALES, SCENES,
-                  SHIRTS, VAL_SEED, ToyWorld, WorldConfig, draw_scene, render_target, scene_key)
-from data import toy_world_config, transform
+from data import toy_world_config
+from toyworld import (BENCH_SEED, BOTH_HAND_YS, CATS_AT, COLOURS, EDIT_OPS, HAND_YS, OUT_SIZES, POSITIONS, SCALES,
+                      SCENES, SHIRTS, VAL_SEED, ToyWorld, WorldConfig, draw_scene, render_target, scene_key, transform)
 from eval import (COVERS, _crop, _pixel_mean, _redraw, judge, main, oracle, precision_coverage, regions, toycom_cases,
                   training_keys, vae_generate)
 from sample import TOY_CKPT
@@ -69,7 +69,7 @@ def test_the_mean_of_a_few_valid_draws_fails(name, bar):
     """What a few-step sampler collapses to: the pixel mean of k draws of the training world's (posed) layouts —
     ghost arms, a blended horizon, a faint sun, sharp everywhere else. Asserted for compositions; for background
     edits (the only edits whose input leaves anything free: the new horizon and sun) the scores are printed — the
-    mean of 4 or 16 often stays within the clean tolerance there (README, judge table: not met)."""
+    mean of 4 or 16 often stays within the clean tolerance there (docs/toyworld.md, judge table: not met)."""
     comp = _scores(toycom_cases(16, 0), name)
     edit = _scores([c for c in toycom_cases(0, 60) if c["scene"]["op"] == "background"
                     and SCENES[c["scene"]["background"]][1]], name)
@@ -290,3 +290,47 @@ def test_cli_writes_table_and_grid(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--oracle", "nope", "--n", "2", "--n_edit", "0", "--out", str(tmp_path)])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+    for flag in ("--coverage", "--n"):  # a negative count is one line naming the flag, before any case is built
+        with pytest.raises(SystemExit):
+            main(["--oracle", "exact", flag, "-1", "--out", str(tmp_path / "neg")])
+        assert f"{flag} must be >= 0" in capsys.readouterr().err and not (tmp_path / "neg").exists()
+
+
+def test_recognition_threshold_is_tau():
+    """nearest(): a region within TAU (mean squared error, RGB in [0, 1], over the pixels where candidates differ)
+    of its nearest candidate is recognised, just past TAU it is "unrecognised" (-1)."""
+    from eval import TAU, nearest
+
+    red, blue = np.full((8, 8, 3), 255, np.uint8), np.full((8, 8, 3), 255, np.uint8)
+    red[2:6, 2:6], blue[2:6, 2:6] = (200, 0, 0), (0, 0, 200)
+    for k, want in ((0.9, 0), (1.1, -1)):
+        d = 255 * np.sqrt(TAU * k)  # a uniform offset with mean squared error k·TAU
+        g = np.clip(red.astype(np.float64) - d, 0, 255).round().astype(np.uint8)
+        g[2:6, 2:6] = np.clip(np.array([200, 0, 0]) + d, 0, 255).round()
+        assert nearest(g, [red, blue]) == want
+
+
+def test_fidelity_ramp_maps_the_clean_share_between_its_thresholds():
+    from eval import CLEAN_HI, CLEAN_LO, _ramp
+
+    assert _ramp(CLEAN_LO, CLEAN_LO, CLEAN_HI) == 0 and _ramp(CLEAN_HI, CLEAN_LO, CLEAN_HI) == 1
+    assert _ramp((CLEAN_LO + CLEAN_HI) / 2, CLEAN_LO, CLEAN_HI) == pytest.approx(0.5)
+    assert _ramp(0.0, CLEAN_LO, CLEAN_HI) == 0 and _ramp(1.0, CLEAN_LO, CLEAN_HI) == 1
+
+
+SHIPPED_FLOOR = 0.30  # the committed default (the CM student) on the cases below scored 0.486 when it was committed
+
+
+def test_the_shipped_default_model_stays_above_its_floor():
+    """A guard for what ships: the committed pipeline's default transformer (model_index.json), with its sampler
+    and CFG, at 8 steps on the first 8 validation compositions and 5 edits (seconds on a CPU). A sampler, model or
+    asset change that breaks `python sample.py --steps 8` fails here."""
+    import sample
+    from eval import model_generate
+
+    pipe = sample.load_pipeline(TOY_CKPT)
+    cases = toycom_cases(8, 5, "val")
+    images = model_generate(pipe, 8, pipe.default_cfg(), None, 0)(cases)
+    overall = float(np.mean([judge(im, c["scene"])["overall"] for im, c in zip(images, cases)]))
+    print(f"shipped default, 8 steps, 13 validation cases: overall {overall:.3f}")
+    assert overall >= SHIPPED_FLOOR

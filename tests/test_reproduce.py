@@ -33,7 +33,7 @@ def test_tiny_pipeline_end_to_end_then_every_stage_is_reused(tmp_path):
     for f in kinds:
         weights = load_file(os.path.join(pipe, f, "diffusion_pytorch_model.safetensors"))
         assert {v.dtype for v in weights.values()} == {torch.bfloat16}
-    assert json.load(open(os.path.join(pipe, "model_index.json")))["nanounipic_default_transformer"] == "transformer_dmd"
+    assert json.load(open(os.path.join(pipe, "model_index.json")))["nanounipic_default_transformer"] == "transformer_cm"
     again = reproduce("--tiny", "--procs", "1", "--out", out)
     assert again.returncode == 0 and "all stages reused" in again.stdout
     assert again.stdout.count("skipped") == 4

@@ -302,8 +302,8 @@ def test_default_command_uses_the_embedded_toy_model(tmp_path):
 
 
 def test_pipeline_defaults_follow_model_index(tiny_pipeline, tmp_path):
-    """A pipeline folder can name its default transformer and its best CFG per sampler (the toy: the DMD student,
-    CFG 1 for it); the teacher stays one flag away."""
+    """A pipeline folder can name its default transformer and its best CFG per sampler (the toy: its best 8-step
+    student, CFG 1 for it); the teacher stays one flag away."""
     import json
     import shutil
 
@@ -339,7 +339,8 @@ def flag_help(text):
     return {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", "\n" + body) if e.strip()}
 
 
-@pytest.mark.parametrize("script", ["sample", "eval", "bench", "train_fm", "train_cm", "train_dmd"])
+@pytest.mark.parametrize("script", ["sample", "eval", "bench", "data", "toy_assets", "reproduce", "train_fm", "train_cm",
+                                    "train_dmd"])
 def test_help_gives_every_flag_a_default(script, capsys):
     import importlib
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pack  # noqa: E402
 import text_encoder as te  # noqa: E402
-from data import train_bpe  # the toy tokenizer's trainer  # noqa: E402
+from toy_assets import train_bpe  # the toy tokenizer's trainer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

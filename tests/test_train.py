@@ -1,10 +1,12 @@
 """train_fm.py and train_common.py: the objective learns, resume is exact, DDP and FSDP2 agree with one process,
 LoRA trains only adapters, a checkpoint killed mid-write leaves the previous one, a NaN loss stops cleanly."""
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,3 +219,28 @@ def test_train_fm_runs_under_torchrun(tiny_pipeline, tmp_path):
                  "--micro_batch", "1", "--eval_cases", "0", "--save_every", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     M.load_mmdit(os.path.join(out, "ema_transformer"))
+
+
+def test_lr_warms_up_linearly_then_follows_a_quarter_cosine_to_its_floor():
+    lr = lambda s: T.lr_at(s, 1.0, 0.1, 10, 110)
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # warm-up: (step + 1) / warmup
+    assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(math.cos(math.pi / 4))
+    assert lr(100) == pytest.approx(math.cos(0.45 * math.pi))  # x = 0.9: 0.156, still above the floor
+    assert lr(105) == pytest.approx(0.1) and lr(110) == pytest.approx(0.1)  # cos(π·x/2) < 0.1 → the floor
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 110))
+
+
+def test_condition_dropout_swaps_in_the_null_prompt():
+    """make_batch drops the instruction to the cached " " embedding (same images) with probability cond_drop;
+    with_neg also returns the null prompt for every sample."""
+    g = torch.Generator().manual_seed(0)
+    item = lambda k: dict(target=torch.randn(4, 4, 4), refs=[torch.randn(4, 2, 4)], txt=torch.full((3, 8), float(k)),
+                          neg=torch.full((2, 8), -1.0))
+    items = [item(k) for k in range(200)]
+    kept = lambda txt, mask: [(txt[b][mask[b]] != -1).all().item() for b in range(len(items))]
+    assert all(kept(*T.make_batch(items, 0.0, g, "cpu")[2:4]))
+    assert not any(kept(*T.make_batch(items, 1.0, g, "cpu")[2:4]))
+    share = 1 - np.mean(kept(*T.make_batch(items, 0.1, g, "cpu")[2:4]))
+    assert 0.04 < share < 0.18  # 0.1 ± 3 standard errors of 200 draws
+    *_, neg, neg_mask = T.make_batch(items[:2], 0.0, g, "cpu", with_neg=True)
+    assert neg.shape == (2, 2, 8) and (neg == -1).all() and neg_mask.all()
