@@ -71,10 +71,10 @@ from tqdm import tqdm
 import pack
 import sample
 import vae as V
-from toyworld import (BENCH_SEED, BENCH_WORLD, BOTH_HAND_YS, CATEGORIES, CATS_AT, COLOURS, EDIT_OPS, HAND_Y, HAND_YS, HEADS,
-                  HORIZON, POSITIONS, SCALES, SCENES, SHIRTS, SKINS, SUN, SUN_R, TRAIN_SEED, VAL_SEED, ToyWorld,
-                  WorldConfig, draw_background, draw_scene, hand_centres, paint_item, paint_person, render_target,
-                  scene_key, transform)
+from toyworld import (BENCH_SEED, BENCH_WORLD, BOTH_HAND_YS, CATEGORIES, CATS_AT, COLOURS, EDIT_OPS, HAND_Y, HAND_YS,
+                      HEADS, HORIZON, POSITIONS, SCALES, SCENES, SHIRTS, SKINS, SUN, SUN_R, TRAIN_SEED, VAL_SEED,
+                      ToyWorld, WorldConfig, draw_background, draw_scene, hand_centres, paint_item, paint_person,
+                      render_target, scene_key, transform)
 
 TAU = 0.03  # a region is recognised only within this mean squared error (RGB in [0, 1], 2×2-pooled) of its
 #             nearest candidate: below the 1/48 of 2×2-pooled uniform noise; calibrated on the VAE reconstruction

@@ -29,9 +29,9 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-import toyworld
 import model as M
 import text_encoder as TE
+import toyworld
 import vae as V
 from pack import (collate, image_to_tensor, joint_resize, pack, pad_text_pair, target_rows, tensor_to_image,
                   unified_sequence, unpack)

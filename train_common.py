@@ -47,12 +47,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data as D
-import toyworld
 import model as M
 from pack import collate, pad_text, target_rows, unified_sequence
 import eval as E
 import sample as S
 import text_encoder as TE
+import toyworld
 import vae as V
 from sample import TOY_CKPT, SchedulerConfig, calculate_mu, parse_config, shift_value, time_shift
 
@@ -527,6 +527,8 @@ def evaluate(assets, model, out, step, meter, n_cases, steps, cfg, sampler):
     meter.log(step=step, eval=table)
     print(f"\nstep {step}:\n{E.format_table(table)}")
     model.train(was)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
