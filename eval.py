@@ -323,9 +323,9 @@ def vae_round_trip(img):
 
 def _fidelity(gf, t_img, bg_img, lay, tf, box, ground, vae=True):
     """(t_img, clean shares, worst region, equivalent blur) of g [H, W, 3] float against the re-render t_img at layout
-    lay, whose background alone is bg_img. A pixel is clean within CLEAN of any reference — the render, its blurs up to the output's own plus 0.5 px,
-    and (only where those leave a region short of CLEAN_HI) its VAE round trip — each allowed a one-pixel shift
-    (the VAE moves a small disk's centre by a pixel)."""
+    lay, whose background alone is bg_img. A pixel is clean within CLEAN of any reference — the render, its blurs up
+    to the output's own plus 0.5 px, and (only where those leave a region short of CLEAN_HI) its VAE round trip —
+    each allowed a one-pixel shift (the VAE moves a small disk's centre by a pixel)."""
     H, W = gf.shape[:2]
     blur = equivalent_blur(gf, t_img)
     err = np.full((H, W), np.inf, dtype=np.float32)
@@ -335,7 +335,7 @@ def _fidelity(gf, t_img, bg_img, lay, tf, box, ground, vae=True):
         for dy in range(3):
             for dx in range(3):
                 np.minimum(err, np.abs(gf - rp[dy:dy + H, dx:dx + W]).max(-1), out=err)
-    for r in [0.0, blur] + [r for r in BLURS if 0 < r <= blur + 0.5]:
+    for r in sorted({0.0, blur, *(r for r in BLURS if 0 < r <= blur + 0.5)}):  # each radius once
         add(np.asarray(t_img.filter(ImageFilter.GaussianBlur(r)) if r else t_img, np.float32))
     bare = (np.asarray(t_img) == np.asarray(bg_img)).all(-1)  # where the render shows the bare background
     shares = clean_shares(err <= 255 * CLEAN, bare, t_img.size, tf, box, ground)
@@ -483,8 +483,8 @@ def judge(image, scene):
     if not fixed and bg_ok:  # (with the wrong background quality is 0 whatever the sun)
         none = dict(lay, sun=None)
         t_none, sky = render(none), draw_background(size, seen_bg or bg, none)[0]
+        err = lambda p: float(((np.asarray(render(dict(lay, sun=p)), np.float32) - gf) ** 2).sum())
         for bare in (True, False):  # each guess refined on renders, as the fitted sun was
-            err = lambda p: float(((np.asarray(render(dict(lay, sun=p)), np.float32) - gf) ** 2).sum())
             options.append(dict(lay, sun=refine_sun(_sun_guess(gf, t_none, sky, size, bare), err)))
         options.insert(1, none)
     best, tried = None, []

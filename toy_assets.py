@@ -156,6 +156,8 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary, the special tokens included")
     p.add_argument("--seed", type=int, default=0, help="seed of the tokenizer corpus, the encoder init and the VAE fit")
     args = p.parse_args(argv)
+    if os.path.exists(os.path.join(args.out, "model_index.json")):  # e.g. assets/toy: never overwrite a pipeline
+        p.error(f"{args.out} already holds a pipeline (model_index.json); build into a new folder")
     t = time.time()
     print(build_toy_assets(args.out, args.vae_steps, args.vocab_size, args.seed), f"{time.time() - t:.0f}s")
 

@@ -67,7 +67,7 @@ class Config:
     its comment, here or in the trainer, is the flag's --help."""
     assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
     data: str = "toy:posed"  # "toy:posed" (what the toy models train on), "toy" (free layouts) or an official jsonl
-    n_data: int = 12000  # toy samples to generate and cache (≈ 18 minutes once on 2 CPU processes; CM, DMD reuse it)
+    n_data: int = 12000  # toy samples to generate and cache (≈ 16 minutes once on 2 CPU processes; CM, DMD reuse it)
     budget: int = toyworld.TOY_BUDGET  # joint pixel budget of the inputs, and of the target (toy 128², official 1024²)
     cache: str = "data_cache/toy_fm"  # where encoded latents and embeddings go (one cache serves the three trainers)
     out: str  # run folder: ckpt/, transformer/, ema_transformer/, metrics.jsonl, eval_*/

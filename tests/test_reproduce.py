@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -42,3 +43,14 @@ def test_tiny_pipeline_end_to_end_then_every_stage_is_reused(tmp_path):
 def test_bad_procs_is_one_line():
     p = reproduce("--procs", "0", "--out", "/nonexistent/never")
     assert p.returncode != 0 and p.stderr.strip().splitlines() == ["error: --procs must be >= 1, not 0"]
+
+
+def test_toy_assets_refuses_to_overwrite_a_pipeline(capsys):
+    """`python toy_assets.py assets/toy` would rewrite the committed toy models' encoders: one line, nothing written."""
+    import toy_assets
+
+    index = os.path.join(S.TOY_CKPT, "model_index.json")
+    before = open(index).read()
+    with pytest.raises(SystemExit):
+        toy_assets.main([S.TOY_CKPT])
+    assert "already holds a pipeline" in capsys.readouterr().err and open(index).read() == before
