@@ -13,7 +13,6 @@ are masked out of attention, so they change no real row.
 Parameter names are the official ones (`transformer/config.json` + `diffusion_pytorch_model*.safetensors`),
 so `load_mmdit` is a strict `load_state_dict` with no renaming.
 """
-import contextlib
 import functools
 import json
 import math
@@ -92,69 +91,6 @@ class RMSNorm(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             y = y.to(self.weight.dtype)
         return y * self.weight
-
-
-# -----------------------------------------------------------------------------
-# LoRA: extra low-rank weights on chosen Linears, official names kept for the base weights
-
-
-class LoRALinear(nn.Module):
-    """y = x Wᵀ + b + (α/r)·x Aᵀ Bᵀ. Takes over a Linear's `weight`/`bias` (same names) and adds `lora_A/B`."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.scale, self.enabled = alpha / rank, True  # enabled=False: the base Linear alone (lora_off)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale if self.enabled else y
-
-
-LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # the official LoRA experiments' set
-
-
-def add_lora(model, rank, alpha, targets=LORA_TARGETS):
-    """Wrap every Linear whose name ends in one of `targets`; freeze everything else. Returns the LoRA params."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple(targets))]
-    if not names:
-        raise ValueError(f"no Linear matches the LoRA targets {list(targets)}")
-    for n in names:
-        parent, leaf = model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
-        parent._modules[leaf] = LoRALinear(parent._modules[leaf], rank, alpha)
-    return [p for n, p in model.named_parameters() if ".lora_" in n]
-
-
-@contextlib.contextmanager
-def lora_off(model):
-    """Run `model` as its base: every LoRALinear skips its adapter inside the block. DMD's LoRA fake score and the
-    frozen teacher are then one module sharing the base tensors (no second copy of the 20B weights)."""
-    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m in mods:
-            m.enabled = True
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Fold every LoRALinear back into a plain Linear (W += (α/r)·B A), leaving official keys only."""
-    for n, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            lin = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=m.bias is not None, device="meta")
-            lin.weight = nn.Parameter(m.weight + m.scale * (m.lora_B @ m.lora_A).to(m.weight.dtype))
-            lin.bias = m.bias
-            parent, leaf = model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
-            parent._modules[leaf] = lin
-    return model
 
 
 # -----------------------------------------------------------------------------
@@ -504,7 +440,7 @@ def save_mmdit(model, path, max_shard_bytes=5 * 2**30, name_or_path=None):
     name_or_path goes to the config's `_name_or_path` (the official DMD/CM configs name their run there)."""
     sd = model.state_dict()
     if any(".lora_" in k for k in sd):
-        raise ValueError("model has LoRA weights; call merge_lora(model) before save_mmdit")
+        raise ValueError("model has LoRA weights; call lora.merge_lora(model) before save_mmdit")
     os.makedirs(path, exist_ok=True)
     shards, size = [[]], 0
     for k, v in sd.items():

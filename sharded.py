@@ -6,8 +6,9 @@ sharded model or a sharded checkpoint.
 No rank ever holds a whole model: models are built on the meta device (meta_mmdit), sharded (shard), and each rank
 reads only its rows of the weight files (fill_shards); the EMA and frozen teachers are sharded alike (sharded_copy,
 sharded_teacher). A checkpoint is ckpt/step_N/dcp/ (torch.distributed.checkpoint: each rank writes and reads its own
-shards; it also loads with another number of processes) + rng.safetensors + state.json (save_dcp, load_dcp); the
-exported folders are streamed one gathered tensor at a time (export_sharded). memory_plan: the per-GPU budget.
+shards; it also loads with another number of processes) + checkpoint.pt (the RNG states) + state.json (save_dcp,
+load_dcp); the exported folders are streamed one gathered tensor at a time (export_sharded). memory_plan: the
+per-GPU budget.
 """
 import json
 import math
@@ -22,8 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
-from safetensors.torch import load_file
 
+import lora as L
 import model as M
 import train_common as T
 
@@ -138,7 +139,7 @@ def sharded_teacher(folder, device, bf16=False, lora=None, seed=0):
     its own rows; lora = (rank, alpha) adds adapters first, its only trained part (DMD's LoRA fake score)."""
     teacher = meta_mmdit(folder).requires_grad_(False).eval()
     if lora:
-        M.add_lora(teacher, *lora)
+        L.add_lora(teacher, *lora)
     shard(teacher, device, bf16, frozen_dtype=torch.bfloat16 if bf16 else None)
     return fill_shards(teacher, [weight_tensors(folder)], folder, seed)
 
@@ -159,10 +160,10 @@ def gathered(model, rank):
     if rank != 0:
         return None
     copy = meta_mmdit(model.cfg)
-    lora = [m for m in model.modules() if isinstance(m, M.LoRALinear)]
+    lora = [m for m in model.modules() if isinstance(m, L.LoRALinear)]
     if lora:
         r = lora[0].lora_A.shape[0]
-        M.add_lora(copy, r, lora[0].scale * r)
+        L.add_lora(copy, r, lora[0].scale * r)
     copy.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     return copy.eval()
 
@@ -185,7 +186,7 @@ def memory_plan(cfg=None, gpus=8, img_tokens=2 * 4096, txt_tokens=1024 + 64, lor
     model = meta_mmdit(cfg)
     n = sum(p.numel() for p in model.parameters())
     block = sum(p.numel() for p in model.transformer_blocks[0].parameters())
-    lora = 2 * lora_rank * cfg.dim * len(M.LORA_TARGETS) * cfg.num_layers
+    lora = 2 * lora_rank * cfg.dim * len(L.LORA_TARGETS) * cfg.num_layers
     GB = 1e9
     state = {"FM": 20 * n, "CM": 20 * n, "DMD, LoRA fake score": 22 * n + 16 * lora, "DMD, full fake score": 38 * n}
     # two blocks' bf16 weights in flight (the next one is prefetched) + one block's bf16 gradients and their fp32
@@ -233,27 +234,15 @@ def _dcp_state(model, ema, opt, extra):
     return sd
 
 
-def save_dcp(tmp, model, ema, opt, generator, rank, extra):
+def save_dcp(tmp, model, ema, opt, rank, extra):
     """T.save_checkpoint of a sharded model: every rank writes its own shards of the model, EMA, optimiser and
     extras into the step folder `tmp` as dcp/ (dcp/__RANK_0.distcp, rank 0 also the index dcp/.metadata), nothing
-    is gathered; the per-rank RNG states go to rng.safetensors. Returns what T.save_checkpoint finishes the folder
-    with: (files rank 0 writes, tensor shapes, optimiser metadata, extras' metadata, world size)."""
+    is gathered; T.save_checkpoint adds state.json and checkpoint.pt (the RNG states)."""
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    sd = _dcp_state(model, ema, opt, extra)
-    dcp.save(sd, checkpoint_id=os.path.join(tmp, "dcp"))  # collective: returns once all files are written
-    files = {"rng.safetensors": T._rng_tensors(T.rank_rng_states(generator))}
-    shapes = {k: {n: list(v.shape) for n, v in d.items()} for k, d in sd.items() if not k.endswith("optim")}
-    return files, shapes, {}, {n: {} for n in extra or {}}, dist.get_world_size()
-
-
-def dcp_files(ema, extra):
-    """What a resume needs in a sharded checkpoint: rng.safetensors, and these groups in dcp/."""
-    groups = ["model", "optim"] + (["ema"] if ema is not None else []) + [f"{n}{s}" for n in extra or {}
-                                                                         for s in ("", "_optim")]
-    return ["rng.safetensors"], groups
+    dcp.save(_dcp_state(model, ema, opt, extra), checkpoint_id=os.path.join(tmp, "dcp"))  # collective
 
 
 def dcp_problem(path, groups):
@@ -278,8 +267,7 @@ def dcp_problem(path, groups):
 
 def load_dcp(folder, model, ema, opt, extra):
     """T.load_checkpoint of a sharded checkpoint, into sharded or plain models: model, EMA, optimiser and extras
-    filled in place, each rank reading only what it holds, whatever the number of processes that wrote it.
-    Returns the RNG states (rng.safetensors)."""
+    filled in place, each rank reading only what it holds, whatever the number of processes that wrote it."""
     sd = _dcp_state(model, ema, opt, extra)
     with warnings.catch_warnings():  # one process (no process group) is a supported case, not a warning
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
@@ -287,16 +275,15 @@ def load_dcp(folder, model, ema, opt, extra):
     set_optimizer_state_dict(model, opt, sd["optim"])
     for n, (m, o) in (extra or {}).items():
         set_optimizer_state_dict(m, o, sd[f"{n}_optim"])
-    return load_file(os.path.join(folder, "rng.safetensors"))
 
 
 def load_full(model, sd, strict=True):
-    """A whole state dict (a safetensors checkpoint) into a sharded model: each rank keeps its rows."""
+    """A whole state dict (checkpoint.pt) into a sharded model: each rank keeps its rows."""
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def load_full_optimizer(model, opt, osd):
-    """A whole optimiser state dict (a safetensors checkpoint) into the optimiser of a sharded model."""
+    """A whole optimiser state dict (checkpoint.pt) into the optimiser of a sharded model."""
     if all(isinstance(k, int) for k in osd["state"]):  # written by one process or DDP: keyed by position
         names = {p: n for n, p in T.unwrap(model).named_parameters()}
         fqn = dict(zip([i for g in osd["param_groups"] for i in g["params"]],
@@ -345,11 +332,11 @@ def official_tensors(model):
 
 def gather_official(model, key):
     """One official tensor of a sharded model, whole on every rank (collective), a LoRA adapter merged in as
-    M.merge_lora does."""
+    L.merge_lora does."""
     owner, _, leaf = key.rpartition(".")
     mod = T.unwrap(model).get_submodule(owner)
     w = _whole(getattr(mod, leaf))
-    if isinstance(mod, M.LoRALinear) and leaf == "weight":
+    if isinstance(mod, L.LoRALinear) and leaf == "weight":
         w = w + mod.scale * (_whole(mod.lora_B) @ _whole(mod.lora_A)).to(w.dtype)
     return w
 

@@ -4,7 +4,7 @@ the MMDiT is conditioned on its last hidden state. Written from scratch, leaves 
 
   tokenizer (Qwen2 byte-level BPE) → image preprocessing → rotary helpers → vision tower (window attention,
   patch merger) → language model (28 Qwen2 layers, 3-D M-RoPE) → TextEncoder (UniPic-3 template, drop the
-  system prefix, pad + mask) → config presets → load / save.
+  system prefix, pad + mask) → configs → loading (the toy encoder is built and written by toy_assets.py).
 
 Precision follows the official code: RMSNorm in fp32, cast back, then the weight multiply; the vision rotary is
 applied in fp32; the LM's cos/sin are built in fp32 and applied in the model dtype; attention is
@@ -14,14 +14,13 @@ import json
 import os
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import model as M
 import pack
@@ -147,29 +146,6 @@ class Tokenizer:
             else:
                 buf.extend(self.char_byte[c] for c in tok)
         return "".join(out) + buf.decode("utf-8", errors="replace")
-
-    def save(self, folder):
-        save_tokenizer(folder, {**self.vocab, **self.added}, self.merges, list(self.added))
-
-
-def save_tokenizer(folder, vocab, merges, added_tokens=ADDED_TOKENS):
-    """Write vocab.json (BPE tokens only), merges.txt and tokenizer_config.json (added tokens in
-    added_tokens_decoder, eos <|im_end|>, pad <|endoftext|>, no BOS), as the official Qwen2.5 folder has them."""
-    os.makedirs(folder, exist_ok=True)
-    added = set(added_tokens)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for t, i in vocab.items() if t not in added}, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    decoder = {str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                               "single_word": False, "special": t in ADDED_TOKENS[:N_SPECIAL]}
-               for t in added_tokens if t in vocab}
-    config = {"add_prefix_space": False, "added_tokens_decoder": decoder, "bos_token": None,
-              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
-              "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
-              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -610,42 +586,9 @@ class TextEncoderConfig:
         vision = VisionConfig(**{f.name: vd[f.name] for f in fields(VisionConfig) if f.name in vd})
         return cls(**kw, vision_config=vision)
 
-    def to_dict(self, dtype=torch.bfloat16):
-        d = asdict(self)
-        d["vision_config"].update(in_channels=self.vision_config.in_chans, model_type="qwen2_5_vl")
-        return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-                "torch_dtype": str(dtype).removeprefix("torch."), "use_sliding_window": False, **d}
-
-
-def toy_config(tokenizer):
-    """The toy preset: 2 vision blocks (block 1 full attention, 56-px windows), 2 LM layers of width 64; the
-    vocabulary size and special ids come from the toy tokenizer."""
-    ids = tokenizer.added
-    return TextEncoderConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-        rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        vision_token_id=ids["<|vision_pad|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_config=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                                   window_size=56, fullatt_block_indexes=[1]))
-
-
-def init_weights(module, std=0.02):
-    """Plain random init for the toy encoder (random and frozen): N(0, std) weights, zero biases, unit norms."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, RMSNorm):
-            nn.init.ones_(m.weight)
-    return module
-
 
 # -----------------------------------------------------------------------------
-# load / save the official folders (text_encoder/, tokenizer/, processor/)
+# loading the official folders (text_encoder/, tokenizer/, processor/; toy_assets.py writes them)
 
 
 def _official_name(key):
@@ -675,23 +618,3 @@ def load_text_encoder(root, dtype=torch.bfloat16, device="cpu", offload=False):
     te.load_state_dict(sd, strict=True, assign=True)
     te.compute_device, te.offload = torch.device(device), offload
     return te.eval().requires_grad_(False)
-
-
-def save_text_encoder(te, root):
-    """Write root/text_encoder (config.json + model.safetensors in the legacy `model.*` / `visual.*` layout),
-    root/tokenizer and root/processor (tokenizer files + preprocessor_config.json), loadable by transformers."""
-    folder = os.path.join(root, "text_encoder")
-    os.makedirs(folder, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in te.state_dict().items()}
-    M.atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    M.atomic_write(os.path.join(folder, "config.json"), json.dumps(te.cfg.to_dict(next(te.parameters()).dtype), indent=2))
-    vc = te.cfg.vision_config
-    for sub in ("tokenizer", "processor"):
-        te.tokenizer.save(os.path.join(root, sub))
-    proc = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-            "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "image_mean": list(te.image_mean), "image_std": list(te.image_std),
-            "patch_size": vc.patch_size, "temporal_patch_size": vc.temporal_patch_size,
-            "merge_size": vc.spatial_merge_size, "min_pixels": 3136, "max_pixels": 12845056}
-    with open(os.path.join(root, "processor", "preprocessor_config.json"), "w") as f:
-        json.dump(proc, f, indent=2)

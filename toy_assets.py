@@ -3,6 +3,8 @@ The toy pipeline's frozen parts, built from nothing in the official folder layou
 trained on the toy world's instructions, a random frozen tiny Qwen2.5-VL condition encoder (its features carry the
 tokens and images), a narrow Qwen-Image VAE fitted on toy crops, the scheduler config and model_index.json. The
 denoiser is trained on top by train_fm.py. Never point it at assets/toy: it rewrites the committed files.
+The writers of the encoders' official folders live here too (save_tokenizer, save_text_encoder, save_vae): the
+trainers and sample.py only read them; the tests build their tiny random pipelines with them.
 
     python toy_assets.py OUT/toy                        # ≈ 22 minutes on 2 CPU cores (VAE fit: 1,600 + 450 steps)
 """
@@ -16,15 +18,119 @@ import re
 import time
 import unicodedata
 from collections import Counter
+from dataclasses import asdict
 
 import torch
+import torch.nn as nn
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+import model as M
 import pack
 import text_encoder as TE
 from sample import HelpFormatter
 import vae as V
 from toyworld import TOY_BUDGET, TRAIN_SEED, ToyWorld, instruction_corpus
+
+
+# -----------------------------------------------------------------------------
+# the encoders' official folders, written (text_encoder.py and vae.py read them; only this builder and the
+# tests write them)
+
+
+def save_tokenizer(folder, vocab, merges, added_tokens=TE.ADDED_TOKENS):
+    """Write vocab.json (BPE tokens only), merges.txt and tokenizer_config.json (added tokens in
+    added_tokens_decoder, eos <|im_end|>, pad <|endoftext|>, no BOS), as the official Qwen2.5 folder has them."""
+    os.makedirs(folder, exist_ok=True)
+    added = set(added_tokens)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for t, i in vocab.items() if t not in added}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    decoder = {str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                               "single_word": False, "special": t in TE.ADDED_TOKENS[:TE.N_SPECIAL]}
+               for t in added_tokens if t in vocab}
+    config = {"add_prefix_space": False, "added_tokens_decoder": decoder, "bos_token": None,
+              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+              "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
+
+
+def toy_text_config(tokenizer):
+    """The toy condition encoder: 2 vision blocks (block 1 full attention, 56-px windows), 2 LM layers of width 64;
+    the vocabulary size and special ids come from the toy tokenizer."""
+    ids = tokenizer.added
+    return TE.TextEncoderConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_config=TE.VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                      window_size=56, fullatt_block_indexes=[1]))
+
+
+def init_weights(module, std=0.02):
+    """Plain random init for the toy encoder (random and frozen): N(0, std) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, TE.RMSNorm):
+            nn.init.ones_(m.weight)
+    return module
+
+
+def save_text_encoder(te, root):
+    """Write root/text_encoder (config.json + model.safetensors in the legacy `model.*` / `visual.*` layout),
+    root/tokenizer and root/processor (tokenizer files + preprocessor_config.json), loadable by transformers."""
+    folder = os.path.join(root, "text_encoder")
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in te.state_dict().items()}
+    M.atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    d = asdict(te.cfg)
+    vc = te.cfg.vision_config
+    d["vision_config"].update(in_channels=vc.in_chans, model_type="qwen2_5_vl")
+    config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+              "torch_dtype": str(next(te.parameters()).dtype).removeprefix("torch."), "use_sliding_window": False, **d}
+    M.atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
+    tok = te.tokenizer
+    for sub in ("tokenizer", "processor"):
+        save_tokenizer(os.path.join(root, sub), {**tok.vocab, **tok.added}, tok.merges, list(tok.added))
+    proc = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+            "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(te.image_mean), "image_std": list(te.image_std),
+            "patch_size": vc.patch_size, "temporal_patch_size": vc.temporal_patch_size,
+            "merge_size": vc.spatial_merge_size, "min_pixels": 3136, "max_pixels": 12845056}
+    with open(os.path.join(root, "processor", "preprocessor_config.json"), "w") as f:
+        json.dump(proc, f, indent=2)
+
+
+def save_vae(vae, path):
+    """Write the official layout: config.json and the safetensors with every reduced kernel put back on the
+    last temporal tap (earlier taps zero) and zero `time_conv`s, so diffusers' AutoencoderKLQwenImage loads it
+    and gives the same single-image outputs (vae.py's docstring: the 3-D → 2-D reduction). Both files are written
+    atomically."""
+    os.makedirs(path, exist_ok=True)
+    sd, state = vae.state_dict(), {}
+    for k, shape in V.official_shapes(vae).items():
+        p = sd[k].detach().cpu() if k in sd else torch.zeros(shape, dtype=vae.dtype)  # time_conv: zeros
+        state[k] = p.contiguous() if p.ndim == len(shape) else torch.zeros(shape, dtype=p.dtype)
+        if p.ndim + 1 == len(shape):
+            state[k][:, :, -1] = p
+    M.atomic_write(os.path.join(path, M.WEIGHTS + ".safetensors"),
+                   lambda p: save_file(state, p, metadata={"format": "pt"}))
+    config = {"_class_name": V.CLASS_NAME, **asdict(vae.cfg)}
+    M.atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# the toy's tokenizer, encoder and VAE
+
 
 def toy_crops(seed=TRAIN_SEED, crop=64, budget=TOY_BUDGET):
     """A callable n -> [n, 3, crop, crop] in [-1, 1]: random crops of toy targets and jointly resized sources."""
@@ -124,16 +230,16 @@ def build_toy_assets(root, vae_steps=1600, vocab_size=512, seed=0):
     torch.manual_seed(seed)
     corpus = instruction_corpus(3000, seed) + [" ", "Combine the reference images to generate the final result."]
     vocab, merges = train_bpe(corpus, vocab_size)
-    TE.save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
+    save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
     tok = TE.Tokenizer.from_folder(os.path.join(root, "tokenizer"))
-    te = TE.TextEncoder(TE.toy_config(tok), tok)
-    TE.init_weights(te)
-    TE.save_text_encoder(te, root)
+    te = TE.TextEncoder(toy_text_config(tok), tok)
+    init_weights(te)
+    save_text_encoder(te, root)
     torch.manual_seed(seed)
     vae = V.VAE(V.VAEConfig.toy())
     fit_vae(vae, toy_crops(seed), steps=vae_steps, lr=1e-3, seed=seed)  # 22.2 dB after 1,600 steps
     metrics = fit_vae(vae, toy_crops(seed + 1), steps=vae_steps * 9 // 32, lr=5e-4, seed=seed + 1)  # 23.8 dB after 450 more
-    V.save_vae(vae, os.path.join(root, "vae"))
+    save_vae(vae, os.path.join(root, "vae"))
     sched = dict(_class_name="FlowMatchEulerDiscreteScheduler", base_image_seq_len=256, base_shift=0.5,
                  max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
                  time_shift_type="exponential", use_dynamic_shifting=True)  # the Qwen-Image values, unchanged

@@ -2,13 +2,12 @@
 Plumbing shared by train_fm.py, train_cm.py and train_dmd.py — plain functions, no Trainer class:
 process groups (DDP, or FSDP2 for the 20B model), AdamW without decay on 1-D params, the official quarter-cosine
 LR schedule, EMA, the timestep sampler, the latent cache and the batches drawn from it (one cache serves all three
-trainers), atomic safetensors checkpoints with exact resume, periodic evaluation on the validation split, metrics.
+trainers), atomic checkpoints with exact resume, periodic evaluation on the validation split, metrics.
 
 Checkpoint layout under OUT/:
-    ckpt/step_000100/{model,ema,optim}.safetensors + state.json    (everything needed to resume exactly)
-    ckpt/step_000100/{fake,fake_optim}.safetensors                   (DMD: further named models and optimisers)
-    ckpt/latest                                                     (names the last complete step folder)
-    transformer/, ema_transformer/                                  (official layout: load_mmdit, diffusers)
+    ckpt/step_000100/checkpoint.pt + state.json    (model, EMA, optimiser, DMD's fake score, RNGs: exact resume)
+    ckpt/latest                                    (names the last complete step folder)
+    transformer/, ema_transformer/                 (official layout: load_mmdit, diffusers)
 A step folder is written completely before `latest` is switched to it (temp file + rename), so a run killed
 mid-write leaves the previous checkpoint loadable.
 
@@ -31,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -39,12 +37,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import data as D
 import model as M
@@ -530,61 +525,9 @@ def evaluate(assets, model, out, step, meter, n_cases, steps, cfg, sampler):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
-
-
-def _flatten_optimizer(osd):
-    """optimizer.state_dict() → (tensors for safetensors, json-able rest)."""
-    tensors, meta = {}, {"param_groups": osd["param_groups"], "state": {}}
-    for pid, st in osd["state"].items():
-        meta["state"][str(pid)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-                meta["state"][str(pid)][k] = "tensor"
-            else:
-                meta["state"][str(pid)][k] = v
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors, meta):
-    state = {}
-    for pid, st in meta["state"].items():
-        key = int(pid) if pid.isdigit() else pid
-        state[key] = {k: tensors[f"{pid}.{k}"] if v == "tensor" else v for k, v in st.items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _optimizer_state(model, opt):
-    return opt.state_dict()
-
-
-def rng_state(generator=None):
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def rank_rng_states(generator=None):
-    """[torch RNG state, generator state] of every rank (gathered: collective under torchrun), so that each rank
-    gets its own noise stream back on resume."""
-    mine = [torch.get_rng_state()] + ([generator.get_state()] if generator is not None else [])
-    if not dist.is_initialized():
-        return [mine]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def _rng_tensors(rngs):
-    """rank_rng_states → {rng.torch.RANK, rng.generator.RANK: state} for a safetensors file."""
-    tensors = {}
-    for r, states in enumerate(rngs):
-        tensors[f"rng.torch.{r}"] = states[0]
-        if len(states) > 1:
-            tensors[f"rng.generator.{r}"] = states[1]
-    return tensors
+# checkpoints: OUT/ckpt/step_N/ holds state.json (step, info, world size, the model's tensor shapes) and
+# checkpoint.pt (one dict: model, optim, ema, each extra network and its optimiser, every rank's RNG states); a
+# sharded model keeps its weights and optimiser in dcp/ beside it (sharded.py) and checkpoint.pt holds the RNGs.
 
 
 def trainable_names(model):
@@ -599,63 +542,61 @@ def trainable_state(model):
     return {k: v for k, v in full.items() if k in train} if train != set(full) else full
 
 
+def rank_rng_states(generator=None):
+    """[torch RNG state, generator state] of every rank (gathered: collective under torchrun), so that each rank
+    gets its own noise stream back on resume."""
+    mine = [torch.get_rng_state()] + ([generator.get_state()] if generator is not None else [])
+    if not dist.is_initialized():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def checkpoint_groups(ema, extra):
+    """The entries a resume needs, in checkpoint.pt or (sharded) in dcp/."""
+    return ["model", "optim"] + (["ema"] if ema is not None else []) + [f"{n}{s}" for n in extra or {}
+                                                                       for s in ("", "_optim")]
+
+
 def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=2, extra=None):
     """Everything needed to resume exactly; `info` is a json-able dict (data position, config, …).
     extra: {name: (model, optimizer)} for further trained networks (DMD's fake score), saved in the same step
-    folder as NAME.safetensors and NAME_optim.safetensors, so the switch of `latest` covers them all at once.
-    state.json records every tensor's shape (what resume verifies). The `keep` newest step folders up to this
-    step stay; newer ones belong to an abandoned run (restarted, or resumed from before them) and go.
-    A sharded model (FSDP2) writes a torch.distributed.checkpoint folder dcp/ instead, each rank its own shards,
-    nothing gathered (sharded.save_dcp)."""
+    folder, so the switch of `latest` covers them all at once. The folder is written as step_N.tmp and renamed
+    whole, then `latest` is switched to it (atomic), so a run killed mid-write leaves the previous one loadable.
+    The `keep` newest step folders up to this step stay; newer ones belong to an abandoned run (restarted, or
+    resumed from before them) and go. A sharded model (FSDP2) writes dcp/, each rank its own shards, nothing
+    gathered (sharded.save_dcp)."""
     root, name = os.path.join(out, "ckpt"), f"step_{step:06d}"
     tmp = os.path.join(root, name + ".tmp")
+    shapes = {k: list(v.shape) for k, v in unwrap(model).state_dict().items()}  # DTensors: the global shapes
     if is_sharded(model):
         import sharded
 
-        files, shapes, ometa, extra_meta, world = sharded.save_dcp(tmp, model, ema, opt, generator, rank, extra)
+        sharded.save_dcp(tmp, model, ema, opt, rank, extra)  # collective
+        ck = {}
     else:
-        msd, osd = full_state_dict(model), _optimizer_state(model, opt)
-        extra_sd = {n: (trainable_state(m), _optimizer_state(m, o)) for n, (m, o) in (extra or {}).items()}
-        rngs = rank_rng_states(generator)  # collective
-        if rank != 0:
-            return
-        files = {"model.safetensors": msd}
+        ck = {"model": full_state_dict(model), "optim": opt.state_dict()}
         if ema is not None:
-            files["ema.safetensors"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
-        extra_meta = {}
-        for n, (sd, esd) in extra_sd.items():
-            files[f"{n}.safetensors"] = sd
-            files[f"{n}_optim.safetensors"], extra_meta[n] = _flatten_optimizer(esd)
-        otensors, ometa = _flatten_optimizer(osd)
-        otensors.update(_rng_tensors(rngs))
-        files["optim.safetensors"] = otensors
-        shapes, world = {}, len(rngs)
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+            ck["ema"] = ema.state_dict()
+        for n, (m, o) in (extra or {}).items():
+            ck[n], ck[f"{n}_optim"] = trainable_state(m), o.state_dict()
+    ck["rng"] = rank_rng_states(generator)  # collective
     if rank != 0:
         return
-    for fn, tensors in files.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, fn))
-    random_state = rng_state()
-    np_state = random_state["numpy"]
-    shapes.update({fn: {k: list(v.shape) for k, v in tensors.items()} for fn, tensors in files.items()})
-    state = {"step": step, "info": info, "optimizer": ometa, "extra": extra_meta, "world": world,
-             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "rng_python": _jsonable(random_state["python"]), "tensors": shapes}
+    if not is_sharded(model):
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.save(ck, os.path.join(tmp, "checkpoint.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f)
+        json.dump({"step": step, "info": info, "world": len(ck["rng"]), "model": shapes}, f)
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     os.replace(tmp, os.path.join(root, name))
-    M.atomic_write(os.path.join(root, "latest"), name)  # the switch is atomic
+    M.atomic_write(os.path.join(root, "latest"), name)
     older = [c for c in checkpoints(out) if checkpoint_step(c) <= step]
     newer = [c for c in checkpoints(out) if checkpoint_step(c) > step]
     for c in newer + older[keep:]:
         shutil.rmtree(c, ignore_errors=True)
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
 def checkpoints(out):
@@ -676,45 +617,33 @@ def latest_checkpoint(out):
     return os.path.join(out, "ckpt", open(path).read().strip())
 
 
-STATE_KEYS = ("step", "info", "optimizer", "extra", "rng_numpy", "rng_python")
-
-
 def is_dcp(folder):
     """True for a checkpoint written by a sharded (FSDP2) run."""
     return os.path.isdir(os.path.join(folder, "dcp"))
 
 
-def checkpoint_files(folder, ema, extra):
-    """What a resume needs in `folder`: the safetensors files, and for a sharded checkpoint the groups of dcp/."""
-    if is_dcp(folder):
-        import sharded
-
-        return sharded.dcp_files(ema, extra)
-    files = ["model.safetensors", "optim.safetensors"] + (["ema.safetensors"] if ema is not None else [])
-    return files + [f"{n}{s}.safetensors" for n in (extra or {}) for s in ("", "_optim")], []
-
-
-def checkpoint_problem(folder, files, groups=()):
-    """Why the checkpoint in `folder` cannot be resumed from, in a few words, or None: state.json must be complete
-    and each of `files` present, its safetensors header readable (which also catches a truncated file) and its
-    tensors the names and shapes state.json recorded; `groups` must be in dcp/ (sharded.dcp_problem)."""
-    try:
-        with open(os.path.join(folder, "state.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"state.json: {one_line(e)}"
-    missing = [k for k in STATE_KEYS if k not in state]
+def read_checkpoint(folder, mmap=False):
+    """(state.json, checkpoint.pt's dict); raises on a missing, torn or truncated file."""
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    missing = [k for k in ("step", "info", "world", "model") if k not in state]
     if missing:
-        return f"state.json lacks {', '.join(missing)}"
-    for fn in files:
-        try:
-            with safe_open(os.path.join(folder, fn), framework="pt") as f:
-                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # missing file, torn header, truncated data
-            return f"{fn}: {one_line(e)}"
-        if fn in state.get("tensors", {}) and shapes != state["tensors"][fn]:
-            return f"{fn}: its tensors are not those state.json records"
-    if groups:
+        raise ValueError(f"state.json lacks {', '.join(missing)} (an older checkpoint format?)")
+    return state, torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def checkpoint_problem(folder, groups):
+    """Why the checkpoint in `folder` cannot be resumed from, in a few words, or None: state.json and checkpoint.pt
+    must read whole (a truncated file does not) and hold every one of `groups` (in dcp/ for a sharded checkpoint:
+    sharded.dcp_problem)."""
+    try:
+        _, ck = read_checkpoint(folder, mmap=True)  # reads the header, not the tensors
+    except Exception as e:  # missing file, torn write, truncated data
+        return one_line(e)
+    missing = [g for g in (["rng"] if is_dcp(folder) else groups + ["rng"]) if g not in ck]
+    if missing:
+        return f"checkpoint.pt holds no {', '.join(missing)}"
+    if is_dcp(folder):
         import sharded
 
         return sharded.dcp_problem(os.path.join(folder, "dcp"), groups)
@@ -748,37 +677,29 @@ def _load_full_optimizer(model, opt, osd):
 def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
     """Restore model, EMA, optimiser, the `extra` {name: (model, optimizer)} and RNG states in place (each rank
     its own streams); returns (step, info). A sharded checkpoint (dcp/) loads into sharded or plain models, each
-    rank reading only what it holds, whatever the number of processes that wrote it; a safetensors one is read
-    whole by every rank (toy scale)."""
-    if not os.path.exists(os.path.join(folder, "state.json")):
-        raise ValueError(f"{folder} is not a complete checkpoint (no state.json)")
-    state = json.load(open(os.path.join(folder, "state.json")))
+    rank reading only what it holds, whatever the number of processes that wrote it; checkpoint.pt is read whole
+    by every rank (toy scale)."""
+    state, ck = read_checkpoint(folder)
     if is_dcp(folder):
         import sharded
 
-        rngs = sharded.load_dcp(folder, model, ema, opt, extra)
+        sharded.load_dcp(folder, model, ema, opt, extra)
     else:
-        rngs = load_file(os.path.join(folder, "optim.safetensors"))
-        _load_full(model, load_file(os.path.join(folder, "model.safetensors")))
-        _load_full_optimizer(model, opt, _unflatten_optimizer(rngs, state["optimizer"]))
+        _load_full(model, ck["model"])
+        _load_full_optimizer(model, opt, ck["optim"])
         if ema is not None:
-            _load_full(ema, load_file(os.path.join(folder, "ema.safetensors")))
+            _load_full(ema, ck["ema"])
         for n, (m, o) in (extra or {}).items():
-            sd = load_file(os.path.join(folder, f"{n}.safetensors"))
-            missing = trainable_names(m) - set(sd)
-            if missing or n not in state.get("extra", {}):
+            missing = trainable_names(m) - set(ck.get(n, {}))
+            if missing:
                 raise ValueError(f"{folder}: checkpoint of {n} is incomplete ({len(missing)} tensors missing)")
-            _load_full(m, sd, strict=False)
-            _load_full_optimizer(m, o, _unflatten_optimizer(load_file(os.path.join(folder, f"{n}_optim.safetensors")),
-                                                            state["extra"][n]))
+            _load_full(m, ck[n], strict=False)
+            _load_full_optimizer(m, o, ck[f"{n}_optim"])
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = lambda k: rngs.get(f"{k}.{rank}", rngs.get(f"{k}.0", rngs.get(k)))  # older: rank 0's only
-    torch.set_rng_state(own("rng.torch"))
-    if generator is not None and own("rng.generator") is not None:
-        generator.set_state(own("rng.generator"))
-    n = state["rng_numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["rng_python"]))
+    mine = ck["rng"][rank if rank < len(ck["rng"]) else 0]
+    torch.set_rng_state(mine[0])
+    if generator is not None and len(mine) > 1:
+        generator.set_state(mine[1])
     return state["step"], state["info"]
 
 
@@ -796,7 +717,7 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
             print(f"no checkpoint under {os.path.join(cfg.out, 'ckpt')}: starting at step 0")
         return 0
     for folder in found:
-        problem = checkpoint_problem(folder, *checkpoint_files(folder, ema, extra))
+        problem = checkpoint_problem(folder, checkpoint_groups(ema, extra))
         if problem is None:
             break
         if rank == 0:
@@ -807,15 +728,13 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     live = {k: list(v.shape) for k, v in unwrap(model).state_dict().items()}
-    tensors = state.get("tensors", {})
-    saved = tensors.get("model.safetensors", tensors.get("model", live))
-    if saved != live:
-        diff = sorted(set(live) ^ set(saved)) or [k for k in live if live[k] != saved[k]]
+    if state["model"] != live:
+        diff = sorted(set(live) ^ set(state["model"])) or [k for k in live if live[k] != state["model"][k]]
         raise SystemExit(f"error: checkpoint {folder} holds another model than these flags build ({len(diff)} "
                          f"tensors differ, e.g. {diff[0]}); resume with the flags it was written with (its "
                          f"state.json, info.config)" if rank == 0 else 1)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if rank == 0 and state.get("world", world) != world:
+    if rank == 0 and state["world"] != world:
         print(f"warning: {folder} was written by {state['world']} process(es), resumed by {world}: the noise "
               f"streams differ from those of an uninterrupted run", file=sys.stderr)
     step, _ = load_checkpoint(folder, model, ema, opt, generator, extra)

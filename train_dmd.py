@@ -154,8 +154,10 @@ def build_models(cfg, device, sharded=False):
     T.freeze_unused(student)
     ema = copy.deepcopy(student).requires_grad_(False).eval()
     teacher = M.load_mmdit(cfg.teacher, dtype=torch.float32).requires_grad_(False).eval()
-    if cfg.fake_lora_rank:
-        M.add_lora(teacher, cfg.fake_lora_rank, cfg.fake_lora_alpha)  # only the adapters train
+    if cfg.fake_lora_rank:  # lora.py, imported only then
+        import lora
+
+        lora.add_lora(teacher, cfg.fake_lora_rank, cfg.fake_lora_alpha)  # only the adapters train
         fake = teacher
     else:
         fake = copy.deepcopy(teacher).requires_grad_(True).train()
@@ -171,8 +173,8 @@ def build_sharded(cfg, device):
     SH.shard(student, device, cfg.bf16)
     SH.fill_shards(student, [SH.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
     ema = SH.sharded_copy(student, device, cfg.bf16)
-    lora = (cfg.fake_lora_rank, cfg.fake_lora_alpha) if cfg.fake_lora_rank else None
-    teacher = SH.sharded_teacher(cfg.teacher, device, cfg.bf16, lora, cfg.seed)  # a LoRA fake score rides on it
+    adapters = (cfg.fake_lora_rank, cfg.fake_lora_alpha) if cfg.fake_lora_rank else None
+    teacher = SH.sharded_teacher(cfg.teacher, device, cfg.bf16, adapters, cfg.seed)  # a LoRA fake score rides on it
     fake = teacher
     if not cfg.fake_lora_rank:
         fake = SH.meta_mmdit(cfg.teacher)
@@ -196,7 +198,11 @@ def main(cfg):
     opt_fake = T.make_optimizer(dfake, cfg.lr_fake, cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     sched = SchedulerConfig.from_folder(cfg.assets)
-    teacher_off = M.lora_off if cfg.fake_lora_rank else contextlib.nullcontext  # LoRA fake: the teacher is its base
+    teacher_off = contextlib.nullcontext
+    if cfg.fake_lora_rank:  # a LoRA fake score is the teacher with adapters: teacher calls run with them off
+        import lora
+
+        teacher_off = lora.lora_off
 
     step = T.resume(cfg, dstudent, ema, opt, g, rank, extra={"fake": (dfake, opt_fake)})
     meter = T.Meter(cfg.out, rank)

@@ -79,8 +79,10 @@ def main(cfg):
     model.gradient_checkpointing = cfg.grad_ckpt
     if cfg.compile:
         M.compile_blocks(model)
-    if cfg.lora_rank:
-        M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.lora_rank:  # adapters only (lora.py, imported only then)
+        import lora
+
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     T.freeze_unused(model)
     if sharded:  # each rank reads its own rows of --init (from scratch: drawn whole, as one process would)
         if cfg.init:
@@ -162,6 +164,8 @@ def main(cfg):
 
 def export_lora(cfg, dmodel, rank):
     """LoRA runs export the base with the adapters merged in (official keys only)."""
+    import lora
+
     if T.is_sharded(dmodel):  # streamed, one tensor gathered at a time
         import sharded
 
@@ -173,9 +177,9 @@ def export_lora(cfg, dmodel, rank):
     base = T.unwrap(dmodel)
     with torch.device("meta"):
         m = M.MMDiT(base.cfg)
-    M.add_lora(m, cfg.lora_rank, cfg.lora_alpha)
+    lora.add_lora(m, cfg.lora_rank, cfg.lora_alpha)
     m.load_state_dict(sd, strict=True, assign=True)
-    M.save_mmdit(M.merge_lora(m), os.path.join(cfg.out, "transformer"), name_or_path="nanounipic-teacher-lora")
+    M.save_mmdit(lora.merge_lora(m), os.path.join(cfg.out, "transformer"), name_or_path="nanounipic-teacher-lora")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,17 @@ z_O = f_vae-enc(O), z_k = f_vae-enc(I_k)). The released network is a Wan-2.1-sty
 - the channel RMS norms' gamma [C, 1, 1, 1] is the 2-D gamma [C, 1, 1] with a time axis.
 Zeroing every earlier tap changes encode and decode by 0.0, so this file builds the image network and
 `load_vae` applies that reduction to the official weights (same key names, shorter kernels, `time_conv`
-checked and dropped); `save_vae` expands it back so diffusers loads the result and gives the same outputs.
+checked and dropped); toy_assets.save_vae expands it back so diffusers loads the result and gives the same
+outputs.
 """
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import model as M
 
@@ -329,7 +329,7 @@ class VAEConfig:
         return cfg
 
 # ----------------------------------------------------------------------------------------------------------
-# loading and saving the official 3-D layout
+# loading the official 3-D layout (toy_assets.save_vae writes it)
 
 
 def official_shapes(vae):
@@ -364,20 +364,3 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
              for k, t in M.read_state(path, official_shapes(vae)) if k in net}
     vae.load_state_dict(state, strict=True, assign=True)
     return vae.eval()
-
-
-def save_vae(vae, path):
-    """Write the official layout: config.json and the safetensors with every reduced kernel put back on the
-    last temporal tap (earlier taps zero) and zero `time_conv`s, so diffusers' AutoencoderKLQwenImage loads it
-    and gives the same single-image outputs. Both files are written atomically."""
-    os.makedirs(path, exist_ok=True)
-    sd, state = vae.state_dict(), {}
-    for k, shape in official_shapes(vae).items():
-        p = sd[k].detach().cpu() if k in sd else torch.zeros(shape, dtype=vae.dtype)  # time_conv: zeros
-        state[k] = p.contiguous() if p.ndim == len(shape) else torch.zeros(shape, dtype=p.dtype)
-        if p.ndim + 1 == len(shape):
-            state[k][:, :, -1] = p
-    M.atomic_write(os.path.join(path, M.WEIGHTS + ".safetensors"),
-                   lambda p: save_file(state, p, metadata={"format": "pt"}))
-    config = {"_class_name": CLASS_NAME, **asdict(vae.cfg)}
-    M.atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))

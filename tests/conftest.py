@@ -20,14 +20,14 @@ def make_tiny_pipeline(root, budget=64 * 64):
 
     torch.manual_seed(0)
     vae = V.VAE(V.VAEConfig(base_dim=8, latents_mean=[0.1] * 16, latents_std=[0.5] * 16))
-    V.save_vae(vae.eval(), os.path.join(root, "vae"))
+    toy_assets.save_vae(vae.eval(), os.path.join(root, "vae"))
     corpus = [f"Show the person from Image1 wearing the red cap from Image{k}." for k in range(2, 7)]
     vocab, merges = toy_assets.train_bpe(corpus, 300)
-    TE.save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
+    toy_assets.save_tokenizer(os.path.join(root, "tokenizer"), vocab, merges)
     tok = TE.Tokenizer.from_folder(os.path.join(root, "tokenizer"))
-    te = TE.TextEncoder(TE.toy_config(tok), tok)
-    TE.init_weights(te)
-    TE.save_text_encoder(te, root)
+    te = TE.TextEncoder(toy_assets.toy_text_config(tok), tok)
+    toy_assets.init_weights(te)
+    toy_assets.save_text_encoder(te, root)
     mm = M.MMDiT(M.PRESETS["tiny"]).init_weights()
     with torch.no_grad():
         for p in mm.parameters():

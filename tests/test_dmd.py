@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import lora
 import model as M
 import sample as S
 import train_common as T
@@ -130,7 +131,7 @@ def test_lora_fake_score_shares_the_teachers_tensors(tiny_pipeline):
     x, shapes = torch.randn(1, 6, 64), [[(2, 2), (1, 2)]]
     txt, mask, t = torch.randn(1, 3, 64), torch.ones(1, 3, dtype=torch.bool), torch.tensor([0.5])
     ref = M.load_mmdit(init)(x, shapes, txt, mask, t)
-    with M.lora_off(teacher):
+    with lora.lora_off(teacher):
         assert torch.equal(teacher(x, shapes, txt, mask, t), ref)
     assert not torch.allclose(fake(x, shapes, txt, mask, t), ref)
 

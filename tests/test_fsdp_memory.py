@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import lora  # noqa: E402
 import model as M  # noqa: E402
 import sharded as SH  # noqa: E402
 import train_common as T  # noqa: E402
@@ -185,12 +186,12 @@ def test_export_sharded_writes_what_save_mmdit_writes(tmp_path):
     tensors; and a LoRA model is exported merged, as merge_lora does."""
     torch.manual_seed(0)
     model = M.MMDiT(SMALL).init_weights()
-    M.add_lora(model, 2, 4.0)
+    lora.add_lora(model, 2, 4.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.add_(torch.randn_like(p) * 0.1)
     SH.export_sharded(model, str(tmp_path / "s"), "x", rank=0, max_shard_bytes=30_000)
-    M.save_mmdit(M.merge_lora(model), str(tmp_path / "m"), max_shard_bytes=30_000, name_or_path="x")
+    M.save_mmdit(lora.merge_lora(model), str(tmp_path / "m"), max_shard_bytes=30_000, name_or_path="x")
     assert sorted(os.listdir(tmp_path / "s")) == sorted(os.listdir(tmp_path / "m"))
     for f in os.listdir(tmp_path / "m"):
         if f.endswith(".json"):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import lora
 import model as M
 from pack import collate, pack, unified_sequence
 
@@ -213,14 +214,14 @@ def test_lora_starts_as_identity_and_merges_exactly(pair, tmp_path):
     args = (x, [[(2, 3)]], txt, torch.ones(1, 3, dtype=torch.bool), torch.tensor([0.5]))
     with torch.no_grad():
         base = model(*args)
-        params = M.add_lora(model, rank=4, alpha=8)
+        params = lora.add_lora(model, rank=4, alpha=8)
         assert torch.equal(model(*args), base)  # B = 0 at init
         assert all(p.requires_grad for p in params) and not model.img_in.weight.requires_grad
         for p in params:
             p.add_(torch.randn_like(p) * 0.1)
         with_lora = model(*args)
         assert (with_lora - base).abs().max() > 1e-3
-        M.merge_lora(model)
+        lora.merge_lora(model)
         assert not any(".lora_" in k for k in model.state_dict())
         assert (model(*args) - with_lora).abs().max().item() <= 1e-5
 

@@ -125,7 +125,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tiny_pipeline, c
     out = str(tmp_path / "b")
     run("fm", tiny_pipeline, out, cache, steps=4, save_every=1)
     assert [os.path.basename(c) for c in T.checkpoints(out)] == ["step_000004", "step_000003"]  # keep_ckpts 2
-    bad = os.path.join(out, "ckpt", "step_000004", "model.safetensors")
+    bad = os.path.join(out, "ckpt", "step_000004", "checkpoint.pt")
     with open(bad, "r+b") as f:
         f.truncate(os.path.getsize(bad) // 2)
     capsys.readouterr()

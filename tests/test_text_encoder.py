@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pack  # noqa: E402
 import text_encoder as te  # noqa: E402
-from toy_assets import train_bpe  # the toy tokenizer's trainer  # noqa: E402
+import toy_assets  # the toy tokenizer's trainer and the writers of the official folders  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,9 +65,9 @@ def rand_image(w, h, seed, mode="RGB"):
 def root(tmp_path_factory):
     """A pipeline folder holding our toy tokenizer and a random transformers model saved by transformers."""
     root = tmp_path_factory.mktemp("pipe")
-    vocab, merges = train_bpe(CORPUS, 600)
-    te.save_tokenizer(root / "tokenizer", vocab, merges)
-    te.save_tokenizer(root / "processor", vocab, merges)
+    vocab, merges = toy_assets.train_bpe(CORPUS, 600)
+    toy_assets.save_tokenizer(root / "tokenizer", vocab, merges)
+    toy_assets.save_tokenizer(root / "processor", vocab, merges)
     tok = te.Tokenizer.from_folder(root / "tokenizer")
     torch.manual_seed(0)
     model = perturb_(transformers.Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tok)), 1).eval()
@@ -119,8 +119,8 @@ def test_tokenizer_matches_transformers_qwen2(root):
 
 
 def test_train_bpe_is_deterministic_and_respects_size():
-    v1, m1 = train_bpe(CORPUS, 400)
-    v2, m2 = train_bpe(CORPUS, 400)
+    v1, m1 = toy_assets.train_bpe(CORPUS, 400)
+    v2, m2 = toy_assets.train_bpe(CORPUS, 400)
     assert (v1, m1) == (v2, m2) and len(v1) == 400
     assert list(v1)[-len(te.ADDED_TOKENS):] == te.ADDED_TOKENS
 
@@ -230,12 +230,12 @@ def test_encode_template_drop_and_mask(root):
 
 def test_save_roundtrip_loads_in_transformers(tmp_path):
     # wrong = our legacy-key layout / config.json / tokenizer files are not what transformers reads
-    vocab, merges = train_bpe(CORPUS, 500)
-    te.save_tokenizer(tmp_path / "tok", vocab, merges)
+    vocab, merges = toy_assets.train_bpe(CORPUS, 500)
+    toy_assets.save_tokenizer(tmp_path / "tok", vocab, merges)
     tok = te.Tokenizer.from_folder(tmp_path / "tok")
     torch.manual_seed(0)
-    ours = perturb_(te.init_weights(te.TextEncoder(te.toy_config(tok), tok)), 2).eval()
-    te.save_text_encoder(ours, tmp_path / "pipe")
+    ours = perturb_(toy_assets.init_weights(te.TextEncoder(toy_assets.toy_text_config(tok), tok)), 2).eval()
+    toy_assets.save_text_encoder(ours, tmp_path / "pipe")
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "pipe" / "text_encoder").eval()
     hf_tok = transformers.Qwen2Tokenizer.from_pretrained(tmp_path / "pipe" / "tokenizer")
     proc = transformers.Qwen2VLImageProcessorPil.from_pretrained(tmp_path / "pipe" / "processor")

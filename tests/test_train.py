@@ -147,17 +147,14 @@ def test_checkpoint_killed_mid_write_keeps_the_previous(tiny_pipeline, tmp_path,
     out = str(tmp_path / "k")
     run_fm(tiny_pipeline, out, steps=2)
     before = T.latest_checkpoint(out)
-    calls = []
+    real_save = torch.save
 
-    def dying_save(tensors, path, **kw):  # the process "dies" while writing the second file
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        from safetensors.torch import save_file
+    def dying_save(obj, path, *a, **kw):  # the process "dies" halfway through writing checkpoint.pt
+        real_save(obj, path, *a, **kw)
+        os.truncate(path, os.path.getsize(path) // 2)
+        raise KeyboardInterrupt
 
-        save_file(tensors, path, **kw)
-
-    monkeypatch.setattr(T, "save_file", dying_save)
+    monkeypatch.setattr(T.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_fm(tiny_pipeline, out, steps=4, resume=True)
     monkeypatch.undo()
@@ -244,3 +241,13 @@ def test_condition_dropout_swaps_in_the_null_prompt():
     assert 0.04 < share < 0.18  # 0.1 ± 3 standard errors of 200 draws
     *_, neg, neg_mask = T.make_batch(items[:2], 0.0, g, "cpu", with_neg=True)
     assert neg.shape == (2, 2, 8) and (neg == -1).all() and neg_mask.all()
+
+
+def test_the_toy_path_leaves_scale_machinery_and_builders_unloaded():
+    """What `import train_fm, train_cm, train_dmd, sample` loads (the toy path a reader follows) holds no FSDP2
+    module (sharded.py), no LoRA (lora.py: --lora_rank / --fake_lora_rank only) and no asset builder."""
+    code = ("import sys, train_fm, train_cm, train_dmd, sample; "
+            "print(sorted(m for m in ('sharded', 'lora', 'toy_assets', 'bench', 'reproduce') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKLQwenImage as Reference  # the independent reference (tests only)
 from safetensors.torch import load_file, save_file
 
-from toy_assets import fit_vae  # the toy-asset builder (conftest puts the root on the path)
-from vae import VAE, VAEConfig, load_vae, official_shapes, save_vae, tiled  # conftest puts the root on the path
+from toy_assets import fit_vae, save_vae  # the toy-asset builder, the writer of the official layout
+from vae import VAE, VAEConfig, load_vae, official_shapes, tiled  # conftest puts the root on the path
 
 # tiny configs: different widths, depths (4x or 8x downsampling), temporal flags; the last has encoder
 # attention (attn_scales non-empty)
