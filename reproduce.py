@@ -1,7 +1,7 @@
 r"""
 Rebuild the whole toy pipeline from nothing and print the results table — the method end to end:
 
-    python reproduce.py                  # ≈ 2.5 h on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
+    python reproduce.py                  # ≈ 3.4 h on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
     python reproduce.py --quick          # the same models, judged on the quick bench subset (40 + 10 cases)
     python reproduce.py --tiny           # seconds: every stage at toy-of-toy size (what tests/test_reproduce.py runs)
 
@@ -9,6 +9,7 @@ Stages (each one a command you could type; each is skipped when its output exist
 continues with the same command):
   1. assets   python toy_assets.py OUT/toy               tokenizer, frozen text encoder, VAE fitted on toy crops
   2. teacher  train_fm.py  --data toy:posed …            flow matching (Eq. 1), latent cache built on the way
+              train_fm.py  --init (its bf16 export) …    the v3.1 continuation: 10,000 more steps from lr 1e-3
   3. cm       train_cm.py  --init OUT/toy/transformer    consistency tuning (Eq. 11)
   4. dmd      train_dmd.py --init OUT/toy/transformer_cm distribution matching (Eq. 12–14), teacher frozen
   5. eval     eval.py for each: teacher 50 Euler steps at CFG 2 (100 NFE), CM and DMD 8 few-step steps (8 NFE)
@@ -37,6 +38,8 @@ FULL = dict(
     assets=["--vae_steps", "1600"],
     teacher=["--data", "toy:posed", "--n_data", "12000", "--preset", "toy-144", "--compile", "true", "--steps", "16000",
              "--lr", "3e-3", "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],
+    teacher2=["--data", "toy:posed", "--n_data", "12000", "--compile", "true", "--steps", "10000", "--lr", "1e-3",
+              "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],  # v3.1: v3 trained on, a second cosine
     cm=["--data", "toy:posed", "--n_data", "12000", "--guidance", "1", "--steps", "600", "--eval_cases", "0"],
     dmd=["--data", "toy:posed", "--n_data", "12000", "--steps", "100", "--micro_batch", "4", "--eval_cases", "0"],
     bench=[],  # the full ToyCom-Bench v2: 200 composition + 100 editing cases
@@ -46,6 +49,8 @@ TINY = dict(
     assets=["--vae_steps", "4"],
     teacher=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2",
              "--preset", "tiny", "--eval_cases", "0", "--warmup", "1"],
+    teacher2=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2",
+              "--eval_cases", "0", "--warmup", "1"],
     cm=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2", "--eval_cases", "0",
         "--warmup", "1"],
     dmd=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2", "--max_gen_steps", "2",
@@ -141,8 +146,12 @@ def main(argv=None):
     stages = [
         ("assets", os.path.join(pipe, "model_index.json"),
          [sys.executable, "toy_assets.py", pipe] + recipe["assets"], None),
-        ("teacher", os.path.join(pipe, "transformer"),
+        ("teacher", os.path.join(out, "teacher_v3"),
          trainer("train_fm.py", args.procs) + recipe["teacher"] + cache + ["--out", os.path.join(out, "fm")], "fm"),
+        ("teacher2", os.path.join(pipe, "transformer"),
+         trainer("train_fm.py", args.procs) + recipe["teacher2"] + cache + ["--out", os.path.join(out, "fm2"),
+                                                                            "--init", os.path.join(out, "teacher_v3")],
+         "fm2"),
         ("cm", os.path.join(pipe, "transformer_cm"),
          trainer("train_cm.py", args.procs) + recipe["cm"] + cache + ["--out", os.path.join(out, "cm"),
                                                                       "--init", os.path.join(pipe, "transformer")], "cm"),
