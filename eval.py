@@ -338,10 +338,11 @@ def _fidelity(gf, t_img, bg_img, lay, tf, box, ground, vae=True):
     for r in sorted({0.0, blur, *(r for r in BLURS if 0 < r <= blur + 0.5)}):  # each radius once
         add(np.asarray(t_img.filter(ImageFilter.GaussianBlur(r)) if r else t_img, np.float32))
     bare = (np.asarray(t_img) == np.asarray(bg_img)).all(-1)  # where the render shows the bare background
-    shares = clean_shares(err <= 255 * CLEAN, bare, t_img.size, tf, box, ground)
+    horizon = lay["horizon"] if ground else None
+    shares = clean_shares(err <= 255 * CLEAN, bare, t_img.size, tf, box, horizon)
     if vae and min(shares.values()) < CLEAN_HI:  # the VAE round trip only adds clean pixels: run it if it may matter
         add(vae_round_trip(t_img))
-        shares = clean_shares(err <= 255 * CLEAN, bare, t_img.size, tf, box, ground)
+        shares = clean_shares(err <= 255 * CLEAN, bare, t_img.size, tf, box, horizon)
     return t_img, shares, min(shares, key=shares.get), blur
 
 
@@ -366,11 +367,12 @@ def _sun_guess(gf, t_none, sky_img, size, bare_only):
     return [int(x) + k // 2, int(y) + k // 2]
 
 
-def clean_shares(clean_px, bare, size, tf, box, ground):
+def clean_shares(clean_px, bare, size, tf, box, horizon):
     """The share of clean pixels in the whole image and in each region whose content the inputs leave free, each on
-    its own: the five item regions (the hand regions hold the arms), the band of rows the horizon may take (scenes
-    with a ground) and the sky's worst sun-sized window, over the pixels where the re-render shows the bare
-    background (bare: a faint, extra or missing sun; a ghost arm in the sky — not the person's own details). A ghost
+    its own: the five item regions (the hand regions hold the arms), for scenes with a ground the horizon's rows
+    (horizon: the fitted row, None without a ground) and the sky's worst sun-sized window, these two over the pixels
+    where the re-render shows the bare background (bare: a blended horizon, a faint, extra or missing sun, a ghost
+    arm in the sky — not the person's own details, which would dilute them). A ghost
     arm, a blended horizon or a half-transparent sun is a few percent of the image but most of its own region."""
     W, H = size
     shares = {"image": float(clean_px.mean())}
@@ -378,8 +380,10 @@ def clean_shares(clean_px, bare, size, tf, box, ground):
         px = _crop(clean_px, b, tf)
         if px.size:
             shares[r] = float(px.mean())
-    if ground:
-        shares["horizon"] = float(clean_px[math.floor(HORIZON[0] * H) - 2: math.ceil(HORIZON[1] * H) + 2].mean())
+    if horizon is not None:  # over the bare ground and sky: the rows the horizon may take, and the rows within a
+        # latent pixel (8 px) of the fitted horizon, where a blend of neighbouring horizons lies
+        bands = [(math.floor(HORIZON[0] * H) - 2, math.ceil(HORIZON[1] * H) + 2), (horizon - 8, horizon + 9)]
+        shares["horizon"] = min(float(clean_px[a:b][bare[a:b]].mean()) if bare[a:b].any() else 1.0 for a, b in bands)
     n_bare, k = _sky_windows(bare, size)
     n_clean, _ = _sky_windows(clean_px & bare, size)
     mostly_bare = n_bare >= k * k / 2  # windows that are mostly sky
