@@ -1,17 +1,10 @@
 """
 Data for nanoUniPic (paper §4.1): the official jsonl triplets, the toy world (toyworld.py) as a dataset, and the
-latent cache the three trainers share.
-
-Official format, one json object per line, image paths relative to the jsonl's folder:
+latent cache the three trainers share. Official format, one json object per line, paths relative to its folder:
     {"input_images": ["a.png", "b.png"], "output_image": "t.png", "instruction": "..."}
 The toy world adds a "scene" key: the exact index of what the target contains, read by the judge in eval.py.
-
-API
-  ToyDataset(n, seed) and JsonlDataset(path) -> dict(input_images, output_image, instruction, scene), resized by the
-      joint pixel-budget rule (pack.py); use DataLoader(ds, batch_size=B, collate_fn=list): every sample keeps its
-      own shapes. toy_world_config("toy:posed") -> the WorldConfig of a trainer's --data.
-  write_jsonl(folder, n, seed): the toy world as an official jsonl with PNGs.
-  cache_latents(...) + LatentDataset(path): VAE latents and text embeddings in resumable safetensors shards.
+Datasets give dict(input_images, output_image, instruction, scene) resized by the joint pixel-budget rule (pack.py);
+load them with DataLoader(ds, batch_size=B, collate_fn=list), as every sample keeps its own shapes.
 
     python data.py --out data_cache/toy --n 1000        # writes a toy jsonl dataset, prints samples/s
 """
@@ -57,8 +50,7 @@ def check_image(path, max_pixels=MAX_PIXELS, verify=True):
 
 
 def toy_world_config(data):
-    """The trainers' --data: "toy" (ToyWorld v2) or "toy:LAYOUT" (e.g. toy:posed) → a WorldConfig; None for a
-    path (an official jsonl)."""
+    """The trainers' --data: "toy" or "toy:LAYOUT" (e.g. toy:posed) → a WorldConfig; None for an official jsonl."""
     if data != "toy" and not data.startswith("toy:"):
         return None
     layout = data.partition(":")[2] or "free"
@@ -82,10 +74,9 @@ class ToyDataset(torch.utils.data.Dataset):
 
 
 class JsonlDataset(torch.utils.data.Dataset):
-    """Official jsonl triplets. Bad lines (json, keys, counts, missing / unreadable / oversized images, aspect
-    outside 0.1–10) are skipped and listed in .skipped as (line number, reason) with one counted warning.
-    verify=True decodes every image up front; with verify=False a corrupt image met later is skipped the same way
-    and the next good sample is returned, so an epoch never crashes."""
+    """Official jsonl triplets. Bad lines (json, keys, counts, missing / unreadable / oversized images, aspect outside
+    0.1–10) are skipped into .skipped as (line number, reason), with one counted warning. With verify=False a corrupt
+    image met while loading is skipped alike and the next good sample returned, so an epoch never crashes."""
 
     def __init__(self, path, budget=TOY_BUDGET, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS, verify=True):
         self.path, self.budget, self.samples, self.skipped = path, budget, [], []
@@ -111,16 +102,13 @@ class JsonlDataset(torch.utils.data.Dataset):
                 self.skipped.append((n, " ".join(f"{type(e).__name__}: {e}".split())))  # one line
         if not self.samples:
             what = f"none of its {len(self.skipped)} lines is usable" if self.skipped else "it has no lines"
-            raise ValueError(f"{path}: {what}{self._shown()}")
+            raise ValueError(self._report(what))
         if self.skipped:
-            self._warn(f"skipped {len(self.skipped)} of {len(self.samples) + len(self.skipped)} lines")
+            warnings.warn(self._report(f"skipped {len(self.skipped)} of {len(self.samples) + len(self.skipped)} lines"))
 
-    def _shown(self):  # " (line 2: reason; line 5: reason ...)": the first five bad lines
+    def _report(self, what):  # "path: what (line 2: reason; line 5: reason ...)", naming the first five bad lines
         shown = "; ".join(f"line {n}: {r}" for n, r in self.skipped[:5])
-        return f" ({shown}{' ...' if len(self.skipped) > 5 else ''})" if shown else ""
-
-    def _warn(self, what):
-        warnings.warn(f"{self.path}: {what}{self._shown()}")
+        return f"{self.path}: {what}" + (f" ({shown}{' ...' if len(self.skipped) > 5 else ''})" if shown else "")
 
     def __len__(self):
         return len(self.samples)
@@ -136,7 +124,7 @@ class JsonlDataset(torch.utils.data.Dataset):
                 return prepare(images[:-1], images[-1], instruction, self.budget, scene)
             except Exception as e:
                 self.skipped.append((n, f"{type(e).__name__}: {e}"))
-                self._warn(f"skipped line {n} while loading")
+                warnings.warn(self._report(f"skipped line {n} while loading"))
         raise ValueError(f"{self.path}: no image could be loaded")
 
 
@@ -154,21 +142,20 @@ def write_jsonl(folder, n, seed=TRAIN_SEED, cfg=None, name="data.jsonl"):
                                     instruction=s["instruction"], scene=s["scene"])) + "\n")
     return os.path.join(folder, name)
 
+
 # -----------------------------------------------------------------------------
 # cache of VAE latents and text embeddings (safetensors shards), so training does not re-encode
-
 
 CACHE_SHARD = 1024  # samples per cache shard: the most an interrupted build has to encode again
 
 
 @torch.no_grad()
 def cache_latents(dataset, encode_image, encode_text, path, shard_size=CACHE_SHARD, null_prompt=None):
-    """encode_image: x [1, 3, H, W] in [-1, 1] -> z [1, C, h, w] (e.g. normalised VAE mean);
-    encode_text: (prompts [str], images [[PIL]]) -> (emb [B, L, D], mask [B, L]), e.g. TextEncoder.encode.
-    null_prompt (e.g. " "): also cache its embedding with the same images, for condition dropout.
-    Writes path/shard-XXXXX.safetensors, each whole (temp file + rename) with its items' index entries in its
-    metadata, and path/index.json last. A build that was killed resumes at the first shard not on disk; readers
-    need index.json, so a partial cache is never served."""
+    """encode_image: x [1, 3, H, W] in [-1, 1] -> z [1, C, h, w] (e.g. normalised VAE mean); encode_text: (prompts
+    [str], images [[PIL]]) -> (emb [B, L, D], mask [B, L]), e.g. TextEncoder.encode. null_prompt (e.g. " "): also
+    cache its embedding with the same images, for condition dropout. Writes path/shard-XXXXX.safetensors, each whole
+    (temp file + rename) with its items' index entries in its metadata, and path/index.json last. A killed build
+    resumes at the first shard not on disk; readers need index.json, so a partial cache is never served."""
     os.makedirs(path, exist_ok=True)
     n, index = len(dataset), []
     shards = [(lo, min(n, lo + shard_size)) for lo in range(0, n, shard_size)]
@@ -187,17 +174,15 @@ def cache_latents(dataset, encode_image, encode_text, path, shard_size=CACHE_SHA
             zs = [encode_image(pack.image_to_tensor(im)[None])[0] for im in [s["output_image"]] + s["input_images"]]
             prompts = [s["instruction"]] + ([null_prompt] if null_prompt is not None else [])
             emb, mask = encode_text(prompts, [s["input_images"]] * len(prompts))
-            tensors[f"{i}.target"] = zs[0].float().contiguous()  # [C, h, w]
-            for r, z in enumerate(zs[1:]):
-                tensors[f"{i}.ref{r}"] = z.float().contiguous()  # [C, h_k, w_k]
-            tensors[f"{i}.txt"] = emb[0][mask[0].bool()].float().contiguous()  # [L, D], real tokens only
-            if null_prompt is not None:
-                tensors[f"{i}.neg"] = emb[1][mask[1].bool()].float().contiguous()
+            names = ["target"] + [f"ref{r}" for r in range(len(zs) - 1)]  # [C, h, w], then each [C, h_k, w_k]
+            tensors |= {f"{i}.{name}": z.float().contiguous() for name, z in zip(names, zs)}
+            for j, name in enumerate(["txt", "neg"][:len(prompts)]):  # [L, D], real tokens only
+                tensors[f"{i}.{name}"] = emb[j][mask[j].bool()].float().contiguous()
             entries.append(dict(shard=k, refs=len(zs) - 1, neg=null_prompt is not None,
                                 instruction=s["instruction"], scene=s["scene"]))
             pbar.update(1)
-        fn = shard_file(path, k)
-        M.atomic_write(fn, lambda p: save_file(tensors, p, metadata={"items": f"{lo}:{hi}", "index": json.dumps(entries)}))
+        meta = {"items": f"{lo}:{hi}", "index": json.dumps(entries)}
+        M.atomic_write(shard_file(path, k), lambda p: save_file(tensors, p, metadata=meta))
         index += entries
     pbar.close()
     M.atomic_write(os.path.join(path, "index.json"), json.dumps(index))
@@ -216,23 +201,18 @@ def finished_shard(fn, lo, hi):
         entries = json.loads(meta["index"])
     except Exception:  # no file, a torn write, a shard of an older format: encode it again
         return None
-    if meta.get("items") != f"{lo}:{hi}" or len(entries) != hi - lo:
-        return None
-    if not all(item_keys(i, e) <= keys for i, e in zip(range(lo, hi), entries)):
-        return None
-    return entries
+    whole = meta.get("items") == f"{lo}:{hi}" and len(entries) == hi - lo
+    return entries if whole and all(item_keys(i, e) <= keys for i, e in zip(range(lo, hi), entries)) else None
 
 
-def item_keys(i, e):
-    """The tensor names of cached item i with index entry e."""
+def item_keys(i, e):  # the tensor names of cached item i with index entry e
     refs = {f"{i}.ref{r}" for r in range(e["refs"])}
     return {f"{i}.target", f"{i}.txt"} | refs | ({f"{i}.neg"} if e.get("neg") else set())
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """A cache written by cache_latents, item i: dict(target [C, h, w], refs [[C, h_k, w_k]], txt [L, D],
-    instruction, scene). Every shard's header is read up front: a missing, truncated or incomplete shard is a
-    ValueError naming the file and the command that rebuilds it (only that shard is encoded again)."""
+    """A cache written by cache_latents; item i: dict(target [C, h, w], refs [[C, h_k, w_k]], txt [L, D], neg,
+    instruction, scene). Shard headers are read up front: a bad shard is a ValueError naming it and its rebuild."""
 
     def __init__(self, path):
         self.path, self.files = path, {}

@@ -9,10 +9,14 @@ save_mmdit refuses until merge_lora folds them back.
 """
 import contextlib
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import model as M
+import train_common as T
 
 
 class LoRALinear(nn.Module):
@@ -72,3 +76,20 @@ def merge_lora(model):
             parent, leaf = model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]
             parent._modules[leaf] = lin
     return model
+
+
+def export_merged(dmodel, out, rank, r, alpha):
+    """train_fm.py --lora_rank exports OUT/transformer: the base with the adapters merged in (official keys only);
+    a sharded model is streamed, one tensor gathered at a time (sharded.export_sharded)."""
+    if T.is_sharded(dmodel):
+        import sharded
+
+        return sharded.export_sharded(dmodel, os.path.join(out, "transformer"), "nanounipic-teacher-lora", rank)
+    sd = T.full_state_dict(dmodel)
+    if rank != 0:
+        return
+    with torch.device("meta"):
+        m = M.MMDiT(T.unwrap(dmodel).cfg)
+    add_lora(m, r, alpha)
+    m.load_state_dict(sd, strict=True, assign=True)
+    M.save_mmdit(merge_lora(m), os.path.join(out, "transformer"), name_or_path="nanounipic-teacher-lora")

@@ -1,22 +1,18 @@
 """
-The Qwen-Image MMDiT, the denoiser of UniPic 3.0 (paper §4.2, Fig. 3), in one file.
+The Qwen-Image MMDiT, the denoiser of UniPic 3.0 (paper §4.2, Fig. 3), and its weight I/O.
 
-A stack of dual-stream blocks: text tokens and image tokens keep their own weights (modulation, projections,
-MLPs) but meet in one joint attention, text first. The image stream is the unified sequence of Eq. 7,
-[target ‖ ref_1 ‖ … ‖ ref_K], and the shape descriptors H of Eq. 8 place every image in 3-D RoPE space
-(MSRoPE): frame index = image index, rows/cols centred per image, text after the largest half-extent.
-
-Unlike the reference implementation, every sample of a batch carries its own H: samples with different
-target sizes and different numbers of references share one forward, and padding rows / padded text tokens
-are masked out of attention, so they change no real row.
-
-Parameter names are the official ones (`transformer/config.json` + `diffusion_pytorch_model*.safetensors`),
-so `load_mmdit` is a strict `load_state_dict` with no renaming.
+Dual-stream blocks: text and image tokens keep their own weights (modulation, projections, MLPs) but meet in one joint
+attention, text first. The image stream is the unified sequence of Eq. 7, [target ‖ ref_1 ‖ … ‖ ref_K]; the shape
+descriptors H of Eq. 8 place each image in 3-D RoPE space (MSRoPE, rope_table). Unlike the reference implementation,
+each sample carries its own H: samples of different target sizes and reference counts share one forward, padding rows
+and padded text tokens masked out of attention so they change no real row. Parameter names are the official ones
+(`transformer/config.json` + `diffusion_pytorch_model*.safetensors`): `load_mmdit` is a strict `load_state_dict`.
 """
 import functools
 import json
 import math
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -43,10 +39,9 @@ def timestep_embedding(t, dim=256, max_period=10000):
 
 @functools.lru_cache(maxsize=64)
 def rope_table(hw, N, L, axes_dims, device, theta=10000):
-    """MSRoPE rotations of one sample (Eq. 8 in action), for its joint sequence [text ‖ image rows], cached per shape
-    set (a sampler asks for the same one at every step): [L + N, 1, Dh/2] complex64 = exp(i·angle), laid out
-    [frame | row | col] with axes_dims[a]/2 frequencies each. hw: the (h, w) token grids, target first.
-    Frame = image index, rows/cols centred per image, text after the largest half-extent; padding rows get 0."""
+    """MSRoPE (Eq. 8) of one sample's [text ‖ image rows], hw its (h, w) token grids, target first: [L + N, 1, Dh/2]
+    complex64 exp(i·angle), [frame | row | col] with axes_dims[a]/2 frequencies each. Frame = image index, rows/cols
+    centred per image, text after the largest half-extent, padding rows 0. Cached: a sampler reuses it every step."""
     with torch.inference_mode(False):  # a table first made under inference_mode must still serve training later
         pos = torch.zeros(L + N, 3, dtype=torch.long, device=device)
         pos[:L] = (max(max(h // 2, w // 2) for h, w in hw) + torch.arange(L, device=device))[:, None]
@@ -69,13 +64,11 @@ def apply_rope(x, freqs):
     return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
 
 
-def layer_norm(x, eps=1e-6):
-    """LayerNorm without affine weights (the official img_norm*/txt_norm*/norm_out.norm have none)."""
+def layer_norm(x, eps=1e-6):  # no affine weights: the official img_norm*/txt_norm*/norm_out.norm have none
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
-def modulate(x, shift, scale):
-    """AdaLN: x·(1 + scale) + shift, in one fused op."""
+def modulate(x, shift, scale):  # AdaLN: x·(1 + scale) + shift, in one fused op
     return torch.addcmul(shift, x, 1 + scale)
 
 
@@ -97,20 +90,11 @@ class RMSNorm(nn.Module):
 # the dual-stream block
 
 
-class GELUProj(nn.Module):  # official `net.0`: a Linear followed by tanh-GELU
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-
-    def forward(self, x):
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class MLP(nn.Module):
-    # official `img_mlp.net` = [GELU(proj), Dropout, Linear]; Identity stands where the dropout (p=0) was
+class MLP(nn.Module):  # official `img_mlp.net` = [GELU(proj), Dropout(p=0) → Identity, Linear]
     def __init__(self, dim):
         super().__init__()
-        self.net = nn.Sequential(GELUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+        gelu_proj = nn.Sequential(OrderedDict(proj=nn.Linear(dim, 4 * dim), act=nn.GELU(approximate="tanh")))  # `net.0`
+        self.net = nn.Sequential(gelu_proj, nn.Identity(), nn.Linear(4 * dim, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -122,8 +106,7 @@ class JointAttention(nn.Module):  # the weights; the computation is written out 
         self.heads, head_dim = heads, dim // heads
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
-        self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (RMSNorm(head_dim) for _ in range(4))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # official `to_out.0`
         self.to_add_out = nn.Linear(dim, dim)
 
@@ -133,15 +116,13 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # (shift, scale, gate) × 2
-        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.img_mod, self.txt_mod = (nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) for _ in range(2))
         self.attn = JointAttention(dim, heads)
         self.img_mlp, self.txt_mlp = MLP(dim), MLP(dim)
 
     def forward(self, img, txt, vec, pe, mask):
-        # img [B, N, D], txt [B, L, D], vec [B, D]; pe = (img, txt) rotations; mask [B, 1, 1, L+N] or None
-        B, N, D = img.shape
-        L, H, a = txt.shape[1], self.attn.heads, self.attn
+        # img [B, N, D], txt [B, L, D], vec [B, D]; pe [B, L+N, 1, Dh/2] rotations; mask [B, 1, 1, L+N] or None
+        B, N, L, H, a = *img.shape[:2], txt.shape[1], self.attn.heads, self.attn
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)[:, None].chunk(6, dim=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)[:, None].chunk(6, dim=-1)
 
@@ -203,9 +184,8 @@ class MMDiTConfig:
 
 PRESETS = {
     "qwen-image": MMDiTConfig(),  # Qwen-Image(-Edit) and all UniPic-3 checkpoints
-    # the toy world's denoiser: same architecture, 4 blocks of width 96 (≈ 1.4M params). On 2 CPU cores a
-    # 25-minute run is compute-bound, and width 96 or 128 beats 192 there: ToyCom 0.35–0.36 against 0.20.
-    # 4 heads of 24 beat 3 of 32 at the same cost: 0.429 against 0.376 (v1 world). The committed teachers use it.
+    # the toy world's denoiser (the committed teachers): 4 blocks of width 96, ≈ 1.4M params. On 2 CPU cores a 25-min
+    # run is compute-bound: width 96/128 beat 192 (ToyCom 0.35–0.36 vs 0.20); 4×24 heads beat 3×32 (0.429 vs 0.376, v1).
     "toy": MMDiTConfig(num_layers=4, attention_head_dim=24, num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 8, 8)),
     # the v3 toy teacher: 6 heads of 24 (width 144, ≈ 3.1M params), affordable under torch.compile + bf16 autocast
     "toy-144": MMDiTConfig(num_layers=4, attention_head_dim=24, num_attention_heads=6, joint_attention_dim=64, axes_dims_rope=(8, 8, 8)),
@@ -217,9 +197,8 @@ PRESETS = {
 
 
 def compile_blocks(model):
-    """torch.compile each transformer block (regional compilation): a block is pure tensor code, while the
-    per-sample shape bookkeeping around it (RoPE tables, masks) stays eager. dynamic=True: one graph serves every
-    sequence length, so mixed-shape batches do not recompile. Parameter names are unchanged."""
+    """Regional compilation: torch.compile each block (pure tensor code); the per-sample bookkeeping (RoPE tables,
+    masks) stays eager. dynamic=True: one graph serves every sequence length. Parameter names are unchanged."""
     for blk in model.transformer_blocks:
         blk.compile(dynamic=True)
     return model
@@ -260,16 +239,13 @@ class MMDiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """From-scratch init (DiT style): Xavier Linears, zero AdaLN modulation and output, so each block
-        starts as the identity and the model starts predicting 0."""
+        """DiT-style init from scratch: Xavier Linears, zero AdaLN modulation and output (identity blocks, output 0)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for blk in self.transformer_blocks:
-            for lin in (blk.img_mod[1], blk.txt_mod[1]):
-                nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
-        for lin in (self.norm_out.linear, self.proj_out):
+        mods = [lin for blk in self.transformer_blocks for lin in (blk.img_mod[1], blk.txt_mod[1])]
+        for lin in mods + [self.norm_out.linear, self.proj_out]:
             nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
         nn.init.normal_(self.time_text_embed.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.time_text_embed.timestep_embedder.linear_2.weight, std=0.02)
@@ -279,26 +255,24 @@ class MMDiT(nn.Module):
         """x [B, N, in_channels] unified sequences (target first, zero-padded); shapes: B lists of (h, w);
         txt [B, L, joint_attention_dim]; txt_mask [B, L] bool (True = real); t [B] σ in [0, 1].
         Returns [B, N, patch²·out_channels]: a prediction for every image row (zero on padding rows)."""
-        B, N, _ = x.shape
-        L = txt.shape[1]
+        N, L = x.shape[1], txt.shape[1]
         self._check(x, shapes, txt, txt_mask, t)
         img_mask = image_mask(shapes, N, x.device)  # [B, N]: the rows each sample owns
         keep = torch.cat([txt_mask.bool(), img_mask], dim=1)  # keys to attend to, text first
         mask = None if bool(keep.all()) else keep[:, None, None, :]
 
         img = self.img_in(x)
-        # the sinusoid of σ always in fp32, even under bf16 autocast: a bf16 σ (spacing ≈ 0.004 near 1) breaks the
-        # consistency trainer's finite difference and has made continuous-time CMs collapse. The official code casts σ
-        # to the activation dtype first; the samplers pass σ already rounded to the latent dtype, as it does.
+        # σ's sinusoid stays fp32 even under bf16 autocast: a bf16 σ (spacing ≈ 0.004 near 1) breaks the CM trainer's
+        # finite difference (continuous-time CMs collapsed). The official code casts σ to the activation dtype first;
+        # the samplers pass σ already rounded to the latent dtype, as it does.
         vec = self.time_text_embed.timestep_embedder(timestep_embedding(t).to(img.dtype))
         txt = self.txt_in(self.txt_norm(txt))
         pe = torch.stack([rope_table(tuple(hw), N, L, self.cfg.axes_dims_rope, x.device) for hw in shapes])
 
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for blk in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                img, txt = checkpoint(blk, img, txt, vec, pe, mask, use_reentrant=False)
-            else:
-                img, txt = blk(img, txt, vec, pe, mask)
+            args = (img, txt, vec, pe, mask)
+            img, txt = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
         out = self.proj_out(self.norm_out(img, vec))
         return out * img_mask[..., None].to(out.dtype)
 
@@ -331,8 +305,7 @@ def _first_line(e):
 
 
 def atomic_write(path, write):
-    """Write `path` through a temp name and a rename, so a killed run never leaves a half-written file there.
-    write: the text to write, or a function that writes the file at the path it is given."""
+    """Write `path` via a temp file + rename: a killed run leaves no half-written file. write: text, or fn(tmp path)."""
     tmp = path + ".tmp"
     try:
         if callable(write):
@@ -348,8 +321,7 @@ def atomic_write(path, write):
 
 
 def weight_files(folder, stem=WEIGHTS):
-    """The weight files of one component folder, as the official releases lay them out: the shards named in
-    STEM.safetensors.index.json, or STEM.safetensors, or STEM.bin."""
+    """A component folder's weight files: the shards in STEM.safetensors.index.json, else STEM.safetensors or .bin."""
     index = os.path.join(folder, stem + ".safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -396,15 +368,12 @@ def check_state_keys(expected, found, where):
 
 
 def read_state(folder, expected, stem=WEIGHTS, rename=None, skip=()):
-    """The weights of a component folder, as (key, tensor) pairs in their stored dtype, one tensor read at a time
-    (the MMDiT, the VAE and the text encoder all load through here). The keys and shapes of every file are
-    checked against `expected` {key: shape} before any tensor is read. rename maps stored keys to the model's;
-    keys in `skip` are left out."""
+    """(key, tensor) pairs of a component folder in stored dtype, read one at a time once every file's keys and shapes
+    match `expected` {key: shape} (MMDiT, VAE and text encoder load here); rename: stored key → ours; skip: dropped."""
     files = weight_files(folder, stem)
     opened = [{(rename(k) if rename else k): v for k, v in open_weights(f).items()} for f in files]
     opened = [{k: v for k, v in o.items() if k not in skip} for o in opened]
-    shapes = {k: tuple(v.get_shape()) if hasattr(v, "get_shape") else tuple(v.shape) for o in opened
-              for k, v in o.items()}
+    shapes = {k: tuple(v.get_shape() if hasattr(v, "get_shape") else v.shape) for o in opened for k, v in o.items()}
     check_state_keys(expected, shapes, folder)
     for f, o in zip(files, opened):
         for k, v in o.items():
@@ -415,10 +384,8 @@ def read_state(folder, expected, stem=WEIGHTS, rename=None, skip=()):
 
 
 def load_mmdit(path, dtype=None, device="cpu"):
-    """Load an official (or our own) transformer folder. dtype=None keeps the stored dtype.
-
-    The model is built on the meta device and filled with the tensors as they are read and cast, so peak
-    memory is the model plus one tensor, never two copies of a 20B checkpoint."""
+    """Load an official (or our own) transformer folder; dtype=None keeps the stored dtype. The model is built on the
+    meta device and filled tensor by tensor as read and cast: peak memory is the model plus one tensor."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ValueError(f"{path}: no config.json (expected a diffusers-layout transformer folder)")
@@ -435,9 +402,8 @@ def load_mmdit(path, dtype=None, device="cpu"):
 
 
 def save_mmdit(model, path, max_shard_bytes=5 * 2**30, name_or_path=None):
-    """Write config.json + safetensors shards (+ index when more than one), each file atomically.
-    The folder loads with `load_mmdit` and with diffusers' QwenImageTransformer2DModel.from_pretrained.
-    name_or_path goes to the config's `_name_or_path` (the official DMD/CM configs name their run there)."""
+    """Write config.json + safetensors shards (+ index if >1), each atomically; loads in `load_mmdit` and diffusers'
+    QwenImageTransformer2DModel.from_pretrained; name_or_path → `_name_or_path` (as in official DMD/CM configs)."""
     sd = model.state_dict()
     if any(".lora_" in k for k in sd):
         raise ValueError("model has LoRA weights; call lora.merge_lora(model) before save_mmdit")
@@ -446,27 +412,26 @@ def save_mmdit(model, path, max_shard_bytes=5 * 2**30, name_or_path=None):
     for k, v in sd.items():
         nbytes = v.numel() * v.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
+            shards, size = shards + [[]], 0
         shards[-1].append(k)
         size += nbytes
     n = len(shards)
     names = [f"{WEIGHTS}.safetensors"] if n == 1 else [f"{WEIGHTS}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    config = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1", **asdict(model.cfg)}
+    config = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1", **asdict(model.cfg),
+              "axes_dims_rope": list(model.cfg.axes_dims_rope)}
     if name_or_path:
         config["_name_or_path"] = name_or_path
-    config["axes_dims_rope"] = list(config["axes_dims_rope"])
     atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
     for keys, name in zip(shards, names):
         tensors = {k: sd[k].detach().contiguous().cpu() for k in keys}
         atomic_write(os.path.join(path, name), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    index = os.path.join(path, f"{WEIGHTS}.safetensors.index.json")
     if n > 1:
-        weight_map = {k: name for keys, name in zip(shards, names) for k in keys}
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": {k: name for keys, name in zip(shards, names) for k in keys}}
+        names.append(f"{WEIGHTS}.safetensors.index.json")  # so the clean-up below keeps it
+        atomic_write(os.path.join(path, names[-1]), json.dumps(index, indent=2))
     # drop files of an earlier save that the new one does not use (a stale index would shadow the new weights)
     for f in os.listdir(path):
-        if f.startswith(WEIGHTS) and f not in names and not (n > 1 and f == os.path.basename(index)):
+        if f.startswith(WEIGHTS) and f not in names:
             os.remove(os.path.join(path, f))
     return path

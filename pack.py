@@ -1,8 +1,7 @@
 """
 Images → the unified token sequence of UniPic 3.0 (paper §4.2, Eq. 5–8), and back.
 
-  1. all K input images are resized *together* to a shared pixel budget (official rule, Σ areas ≈ 1024²),
-     each side rounded to a multiple of 32;
+  1. all K inputs are resized *together* to one pixel budget (official rule: Σ areas ≈ 1024², sides multiples of 32);
   2. each image is VAE-encoded to z [C, H/8, W/8] (Eq. 5, vae.py);
   3. `pack` turns every latent into tokens by 2×2 patches (Eq. 6): s [(H/16)(W/16), 4C];
   4. the target tokens come first, then the references (Eq. 7), with the shape descriptors
@@ -51,21 +50,15 @@ def _scaled_sizes(sizes, budget):
     return [(max(1, round(w * ratio)), max(1, round(h * ratio))) for w, h in sizes]
 
 
-def _round_to(size, multiple):
-    # step 2: each side to the nearest multiple (never below one multiple; the official code would give 0)
-    return tuple(max(multiple, round(s / multiple) * multiple) for s in size)
-
-
 def joint_resize(images, budget=1024 * 1024, multiple=32):
-    """Resize PIL images by the joint rule, with the official two PIL resizes (default resample): one ratio for all
-    so that Σ w·h ≈ budget, then each side to a multiple of 32. One 1024² input stays 1024²; two become 736² each;
-    six become 416² each."""
+    """Resize PIL images by the joint rule, as the official two PIL resizes (default resample): one 1024² input stays
+    1024²; two become 736² each; six become 416² each."""
     images = [to_rgb(im) for im in images]
-    scaled = _scaled_sizes([im.size for im in images], budget)
     out = []
-    for im, size in zip(images, scaled):
+    for im, size in zip(images, _scaled_sizes([im.size for im in images], budget)):
         im = im.resize(size)
-        out.append(im.resize(_round_to(im.size, multiple)))
+        # step 2: each side to the nearest multiple (never below one multiple; the official code would give 0)
+        out.append(im.resize(tuple(max(multiple, round(s / multiple) * multiple) for s in im.size)))
     return out
 
 
@@ -97,8 +90,7 @@ def latent_grid(z):
 
 
 def unified_sequence(target, refs):
-    """Eq. 7–8 for one sample: target latent [C, H, W] and reference latents [C, H_k, W_k]
-    → S [N_tot, 4C] = [s_O ‖ s_1 ‖ … ‖ s_K] and H = [(h_O, w_O), (h_1, w_1), …]."""
+    """Eq. 7–8 for one sample: target [C, H, W], refs [C, H_k, W_k] → S = [s_O ‖ s_1 ‖ … ‖ s_K], H = [(h_O, w_O), …]."""
     zs = [target] + list(refs)
     seq = torch.cat([pack(z[None])[0] for z in zs], dim=0)
     return seq, [latent_grid(z) for z in zs]
@@ -110,9 +102,8 @@ def seq_len(shapes):
 
 
 def collate(seqs, shapes):
-    """Pad a batch of unified sequences ([N_b, D] each, with its own shapes) to x [B, N, D] with zeros.
-
-    Sample b owns the first seq_len(shapes[b]) rows; the model masks the rest (see `image_mask`)."""
+    """Pad unified sequences ([N_b, D] each, with its own shapes) to x [B, N, D] with zeros: sample b owns the first
+    seq_len(shapes[b]) rows; the model masks the rest (see `image_mask`)."""
     for b, (s, hw) in enumerate(zip(seqs, shapes)):
         if s.shape[0] != seq_len(hw):
             raise ValueError(f"sample {b}: {s.shape[0]} tokens but its shapes {hw} describe {seq_len(hw)}")
@@ -131,8 +122,7 @@ def image_mask(shapes, N, device=None):
 
 def target_rows(shapes, N, device=None):
     """[B, N] bool: True on each sample's target tokens (the first h_O·w_O rows)."""
-    lens = torch.tensor([hw[0][0] * hw[0][1] for hw in shapes], device=device)
-    return torch.arange(N, device=device)[None] < lens[:, None]
+    return image_mask([hw[:1] for hw in shapes], N, device)
 
 
 def pad_text(embs):

@@ -56,9 +56,7 @@ class SchedulerConfig:
     @classmethod
     def from_folder(cls, root):
         path = os.path.join(root, "scheduler", "scheduler_config.json")
-        if not os.path.exists(path):
-            return cls()
-        d = json.load(open(path))
+        d = json.load(open(path)) if os.path.exists(path) else {}
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -77,11 +75,10 @@ def shift_value(mu, sc):
 
 
 def time_shift(t, shift):
-    """The dynamic time shift t → shift·t / (1 + (shift − 1)·t) (0 ↦ 0, 1 ↦ 1), of a tensor t and a float or a
-    tensor shift. Written as diffusers' scheduler computes it, shift / (shift + (1/t − 1)) with a tensor numerator
-    (python / tensor would be a reciprocal and a product), so the teacher's fp32 sigmas are bit-identical to it.
-    The few-step grid (official: the first form, in float64) moves by at most 4e-16, and not at all once cast to
-    fp32 or bf16 (measured over 1–64 steps and 1–9000 target tokens)."""
+    """t → shift·t / (1 + (shift − 1)·t) (0 ↦ 0, 1 ↦ 1), t a tensor, shift a float or tensor. Computed as diffusers'
+    scheduler does, shift / (shift + (1/t − 1)) with a tensor numerator (python / tensor is a reciprocal and a
+    product), so the teacher's fp32 sigmas are bit-identical; the few-step grid (official: the first form, float64)
+    moves by ≤ 4e-16, and not at all once cast to fp32 or bf16 (measured: 1–64 steps, 1–9000 target tokens)."""
     return torch.as_tensor(shift, dtype=t.dtype, device=t.device).expand_as(t) / (shift + (1 / t - 1))
 
 
@@ -94,8 +91,7 @@ def teacher_sigmas(steps, seq_len, sc):
     s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float()
     s = time_shift(s, shift_value(calculate_mu(seq_len, sc), sc))
     if sc.shift_terminal:
-        one_minus = 1 - s
-        s = 1 - one_minus / (one_minus[-1] / (1 - sc.shift_terminal))
+        s = 1 - (1 - s) / ((1 - s[-1]) / (1 - sc.shift_terminal))
     return torch.cat([s, s.new_zeros(1)])
 
 
@@ -106,10 +102,9 @@ def fewstep_times(steps, seq_len, sc):
 
 
 def fewstep_update(x, v, t, t_next, fresh):
-    """One step of the CM/DMD sampler (and of DMD's backward simulation): the clean estimate x0 = x − t·v, then
-    re-noised to t_next with fresh noise: (1 − t_next)·x0 + t_next·fresh. t, t_next broadcast against x."""
-    x0 = x - t * v
-    return (1 - t_next) * x0 + t_next * fresh
+    """One step of the CM/DMD sampler (and of DMD's backward simulation): the clean estimate x0 = x − t·v,
+    re-noised to t_next: (1 − t_next)·x0 + t_next·fresh. t, t_next broadcast against x."""
+    return (1 - t_next) * (x - t * v) + t_next * fresh
 
 
 def cfg_combine(v_c, v_u, scale):
@@ -125,32 +120,26 @@ def cfg_combine(v_c, v_u, scale):
 @torch.no_grad()
 def denoise(model, refs, target_hw, txt, txt_mask, neg=None, neg_mask=None, *, steps, cfg=4.0, sampler="euler",
             generator=None, sched=None, noise=None, progress=False):
-    """Sample target latents for a batch whose samples may differ in size and number of references.
-
-    refs: B lists of normalised reference latents [C, H_k, W_k]; target_hw: B (h, w) target token grids;
-    txt/txt_mask: the instruction embeddings [B, L, D] / [B, L]; neg/neg_mask: those of the negative prompt " "
-    (same images), used when cfg > 1. noise: optional B initial target token tensors [h·w, 4C].
-    Returns B tensors [h·w, 4C]: the denoised target tokens."""
+    """Sample target latents for a batch whose samples may differ in size and number of references. refs: B lists
+    of normalised reference latents [C, H_k, W_k]; target_hw: B (h, w) target token grids; txt/txt_mask: the
+    instruction embeddings [B, L, D] / [B, L]; neg/neg_mask: those of the negative prompt " " (same images), used
+    when cfg > 1. noise: optional B initial target tokens [h·w, 4C]. Returns B denoised target tokens [h·w, 4C]."""
     sched = sched or SchedulerConfig()
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     C = model.cfg.in_channels // 4
     if noise is None:
         noise = [pack(torch.randn(1, C, 2 * h, 2 * w, generator=generator))[0] for h, w in target_hw]
-    seqs, shapes = [], []
-    for b, (h, w) in enumerate(target_hw):
-        s, hw = unified_sequence(unpack(noise[b][None], h, w)[0], refs[b])
-        seqs.append(s.to(device, dtype))
-        shapes.append(hw)
-    x = collate(seqs, shapes)  # [B, N, 4C]
+    built = [unified_sequence(unpack(noise[b][None], h, w)[0], refs[b]) for b, (h, w) in enumerate(target_hw)]
+    shapes = [hw for _, hw in built]
+    x = collate([s.to(device, dtype) for s, _ in built], shapes)  # [B, N, 4C]
     tgt = target_rows(shapes, x.shape[1], device)[..., None]  # [B, N, 1]: the rows that are denoised
 
     use_cfg = cfg > 1 and neg is not None
     if use_cfg:  # one forward for both branches: the same image rows, text = [cond; uncond]
         txt, txt_mask = pad_text_pair(txt, txt_mask, neg, neg_mask)
         shapes = shapes + shapes
-    txt = txt.to(device, dtype)
-    txt_mask = txt_mask.to(device)
+    txt, txt_mask = txt.to(device, dtype), txt_mask.to(device)
     make = teacher_sigmas if sampler == "euler" else fewstep_times
     times = torch.stack([make(steps, h * w, sched) for h, w in target_hw]).to(device)  # [B, N+1]
 
@@ -159,8 +148,7 @@ def denoise(model, refs, target_hw, txt, txt_mask, neg=None, neg_mask=None, *, s
             t = (times[:, i].float() * 1000).to(dtype) / 1000
         else:  # official few-step: t in the latent dtype, used both as model input and in x0 = x − t·v
             t = times[:, i].to(dtype)
-        xin = torch.cat([x, x]) if use_cfg else x
-        v = model(xin, shapes, txt, txt_mask, torch.cat([t, t]) if use_cfg else t)
+        v = model(torch.cat([x, x]) if use_cfg else x, shapes, txt, txt_mask, torch.cat([t, t]) if use_cfg else t)
         if use_cfg:
             v = cfg_combine(*v.chunk(2), cfg)
         if sampler == "euler":
@@ -212,10 +200,9 @@ def pixel_budget(ckpt):
 
 
 def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu", offload_text_encoder=False):
-    """ckpt: a pipeline root (transformer/ vae/ text_encoder/ tokenizer/ processor/ scheduler/);
-    transformer: another transformer folder to use instead (e.g. Unipic3-DMD/ema_transformer), or a model.
-    dtype: default bf16 on GPU, fp32 on CPU (whatever the files store). offload_text_encoder: the text encoder
-    stays on the CPU and visits `device` only while it encodes (the 7B encoder and the 20B MMDiT need not share it)."""
+    """ckpt: an official-layout pipeline root (see --ckpt); transformer: another transformer folder instead (e.g.
+    Unipic3-DMD/ema_transformer), or a model. dtype: default bf16 on GPU, fp32 on CPU (whatever the files store).
+    offload_text_encoder: the 7B text encoder stays on the CPU, visiting `device` (the 20B MMDiT's) only to encode."""
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if not os.path.isdir(ckpt):
         raise ValueError(f"checkpoint folder {ckpt} does not exist")
@@ -230,26 +217,19 @@ def load_pipeline(ckpt=TOY_CKPT, transformer=None, dtype=None, device="cpu", off
         if not os.path.isdir(transformer):
             raise ValueError(f"transformer folder {transformer} does not exist")
         net, kind = M.load_mmdit(transformer, dtype=dtype, device=device), checkpoint_kind(transformer)
-    return Pipeline(
-        transformer=net,
-        vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype, device=device),
-        text_encoder=TE.load_text_encoder(ckpt, dtype=dtype, device=device, offload=offload_text_encoder),
-        sched=SchedulerConfig.from_folder(ckpt),
-        pixel_budget=pixel_budget(ckpt),
-        sampler=kind,
-        device=device,
-        cfg=pipeline_index(ckpt).get("nanounipic_cfg", {}),
-    )
+    return Pipeline(transformer=net, vae=V.load_vae(os.path.join(ckpt, "vae"), dtype=dtype, device=device),
+                    text_encoder=TE.load_text_encoder(ckpt, dtype=dtype, device=device, offload=offload_text_encoder),
+                    sched=SchedulerConfig.from_folder(ckpt), pixel_budget=pixel_budget(ckpt), sampler=kind,
+                    device=device, cfg=pipeline_index(ckpt).get("nanounipic_cfg", {}))
 
 
 @torch.no_grad()
 def generate(pipe, prompts, images, *, steps=None, cfg=None, sampler=None, seed=0, height=None, width=None,
              max_images=6, vae_tile=None, progress=True):
-    """prompts: B strings; images: B lists of 1–max_images PIL images (any size and mode).
-    cfg: the true CFG scale, default the pipeline's best for the sampler (model_index.json, as the CLI; else 4).
-    Output size: height × width (multiples of 16), default the square of the pixel budget (1024² officially).
-    vae_tile: VAE-encode and decode in overlapping windows of this many pixels a side (a multiple of 32, e.g. 256),
-    which bounds the VAE's memory at 1024² on a small GPU. Returns B PIL images."""
+    """prompts: B strings; images: B lists of 1–max_images PIL images (any size and mode) → B PIL images. cfg: the
+    true CFG scale, default the pipeline's best for the sampler (model_index.json, as the CLI; else 4). Output size:
+    height × width (multiples of 16), default the square of the pixel budget (1024² officially). vae_tile: VAE-encode
+    and decode in overlapping windows this many pixels a side (a multiple of 32; 256 bounds VAE memory at 1024²)."""
     sampler = sampler or pipe.sampler
     steps = steps or (50 if sampler == "euler" else 8)
     cfg = pipe.default_cfg(sampler) if cfg is None else cfg
@@ -267,8 +247,7 @@ def generate(pipe, prompts, images, *, steps=None, cfg=None, sampler=None, seed=
     height, width = height // 16 * 16, width // 16 * 16  # official: multiples of vae_scale_factor·2
     dtype = next(pipe.transformer.parameters()).dtype
 
-    # the joint pixel budget over all inputs of a sample (official rule), applied once: the VAE encodes these
-    # images and the text encoder makes only its 28/32 copy of them (pixel_budget=None)
+    # the joint budget (official rule), applied once: the text encoder only makes its 28/32 copy (pixel_budget=None)
     images = [joint_resize(ims, pipe.pixel_budget) for ims in images]
     te, kw = pipe.text_encoder, dict(pixel_budget=None, max_images=max_images)
     if cfg > 1:  # the negative is " " with the same images (official); both in one batched call
@@ -277,19 +256,13 @@ def generate(pipe, prompts, images, *, steps=None, cfg=None, sampler=None, seed=
         (emb, mask), (neg, neg_mask) = te.encode(prompts, images, **kw), (None, None)
 
     vae_dtype = next(pipe.vae.parameters()).dtype
-    refs = []
-    for ims in images:  # the posterior mean of each reference, normalised
-        xs = [image_to_tensor(im)[None].to(pipe.device, vae_dtype) for im in ims]
-        refs.append([pipe.vae.normalize(pipe.vae.encode(x, tile=vae_tile))[0].to(dtype) for x in xs])
-    g = torch.Generator().manual_seed(seed)
+    xs = [[image_to_tensor(im)[None].to(pipe.device, vae_dtype) for im in ims] for ims in images]
+    refs = [[pipe.vae.normalize(pipe.vae.encode(x, tile=vae_tile))[0].to(dtype) for x in x_b] for x_b in xs]
     hw = [(height // 16, width // 16)] * len(prompts)
     tokens = denoise(pipe.transformer, refs, hw, emb, mask, neg, neg_mask, steps=steps, cfg=cfg, sampler=sampler,
-                     generator=g, sched=pipe.sched, progress=progress)
-    out = []
-    for tok, (h, w) in zip(tokens, hw):
-        z = pipe.vae.denormalize(unpack(tok[None].to(vae_dtype), h, w))
-        out.append(tensor_to_image(pipe.vae.decode(z, tile=vae_tile)[0]))
-    return out
+                     generator=torch.Generator().manual_seed(seed), sched=pipe.sched, progress=progress)
+    zs = [pipe.vae.denormalize(unpack(tok[None].to(vae_dtype), h, w)) for tok, (h, w) in zip(tokens, hw)]
+    return [tensor_to_image(pipe.vae.decode(z, tile=vae_tile)[0]) for z in zs]
 
 
 def save_png(img, path):
@@ -330,9 +303,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def field_comments(cls):
-    """{field: meaning} read from a dataclass's source, and its dataclass bases' for the fields it inherits (its
-    own comment wins): the comment after each field. Where it runs on into the comment lines below (the reasons
-    behind a value), only its whole sentences on the field's line are kept."""
+    """{field: the comment after it} from a dataclass's source and its dataclass bases' (its own comment wins). Where
+    it runs on into the lines below (the reasons behind a value), only the whole sentences on the field's line count."""
     out = {}
     for c in reversed([c for c in cls.__mro__ if is_dataclass(c)]):  # bases first
         try:
@@ -441,27 +413,17 @@ def main(argv=None):
                    "side, a multiple of 32 (e.g. 256: 1024² outputs on a small GPU) (default: whole images)")
     p.add_argument("--max-images", type=int, default=6, help="the most input images accepted (the paper's limit)")
     args = p.parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]  # None: load_pipeline's default
     try:
         check_args(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
-    dtype = dtype or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    try:
-        target = None
-        if args.images:
-            images = []
-            for f in args.images:
-                try:
-                    with Image.open(f) as im:
-                        im.load()
-                        images.append(im.copy())
-                except (OSError, UnidentifiedImageError) as e:
-                    raise ValueError(f"cannot read image {f}: {str(e).splitlines()[0]}") from None
-            prompt = args.prompt or DEFAULT_PROMPT
-        else:
-            images, prompt, target = builtin_example()
-            prompt = args.prompt or prompt
+        images, prompt, target = ([], DEFAULT_PROMPT, None) if args.images else builtin_example()
+        for f in args.images or []:
+            try:
+                with Image.open(f) as im:
+                    images.append(im.copy())
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"cannot read image {f}: {str(e).splitlines()[0]}") from None
+        prompt = args.prompt or prompt
         pipe = load_pipeline(args.ckpt, args.transformer, dtype=dtype, device=args.device,
                              offload_text_encoder=args.offload_text_encoder)
         cfg = args.cfg if args.cfg is not None else pipe.default_cfg(args.sampler)
@@ -472,10 +434,10 @@ def main(argv=None):
     save_png(out, args.out)
     print(f"prompt: {prompt}\nwrote {args.out} ({out.width}x{out.height}; {args.sampler or pipe.sampler}, CFG {cfg})")
     if args.grid:
-        labels = [f"Image{k}" for k in range(1, len(images) + 1)] + (["target"] if target is not None else []) + ["output"]
-        g = grid(images + ([target] if target is not None else []), out, labels=labels)
+        extra = [target] if target is not None else []
+        labels = [f"Image{k}" for k in range(1, len(images) + 1)] + ["target"] * len(extra) + ["output"]
         path = os.path.splitext(args.out)[0] + "_grid.png"
-        save_png(g, path)
+        save_png(grid(images + extra, out, labels=labels), path)
         print(f"wrote {path} (inputs{' | exact target' if target is not None else ''} | output)")
 
 

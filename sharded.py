@@ -144,6 +144,24 @@ def sharded_teacher(folder, device, bf16=False, lora=None, seed=0):
     return fill_shards(teacher, [weight_tensors(folder)], folder, seed)
 
 
+def dmd_models(cfg, device):
+    """train_dmd.build_models under FSDP2: student, EMA, frozen teacher and fake score, each built on the meta
+    device, sharded, and filled with this rank's rows (the teacher's frozen weights in bf16 under --bf16)."""
+    student = meta_mmdit(cfg.init)
+    T.freeze_unused(student)
+    shard(student, device, cfg.bf16)
+    fill_shards(student, [weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
+    ema = sharded_copy(student, device, cfg.bf16)
+    adapters = (cfg.fake_lora_rank, cfg.fake_lora_alpha) if cfg.fake_lora_rank else None
+    teacher = sharded_teacher(cfg.teacher, device, cfg.bf16, adapters, cfg.seed)  # a LoRA fake score rides on it
+    fake = teacher
+    if not cfg.fake_lora_rank:
+        fake = meta_mmdit(cfg.teacher)
+        T.freeze_unused(fake)
+        fill_shards(shard(fake, device, cfg.bf16), [weight_tensors(cfg.teacher)], cfg.teacher)
+    return student, ema, teacher, fake
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """T.ema_update of a sharded model: the EMA is sharded like it (sharded_copy) and each rank updates its own

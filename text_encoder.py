@@ -1,14 +1,8 @@
 """
-The UniPic 3.0 condition encoder (paper §4.2): Qwen2.5-VL-7B reads the instruction *and* every input image, and
-the MMDiT is conditioned on its last hidden state. Written from scratch, leaves first:
-
-  tokenizer (Qwen2 byte-level BPE) → image preprocessing → rotary helpers → vision tower (window attention,
-  patch merger) → language model (28 Qwen2 layers, 3-D M-RoPE) → TextEncoder (UniPic-3 template, drop the
-  system prefix, pad + mask) → configs → loading (the toy encoder is built and written by toy_assets.py).
-
-Precision follows the official code: RMSNorm in fp32, cast back, then the weight multiply; the vision rotary is
-applied in fp32; the LM's cos/sin are built in fp32 and applied in the model dtype; attention is
-F.scaled_dot_product_attention.
+The UniPic 3.0 condition encoder (paper §4.2), from scratch: Qwen2.5-VL-7B reads the instruction *and* every input
+image, and the MMDiT is conditioned on its last hidden state. Precision follows the official code: RMSNorm in fp32,
+cast back, then the weight multiply; the vision rotary is applied in fp32; the LM's cos/sin are built in fp32 and
+applied in the model dtype; attention is F.scaled_dot_product_attention.
 """
 import json
 import os
@@ -16,6 +10,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from itertools import groupby
 
 import numpy as np
 import torch
@@ -28,8 +23,7 @@ import pack
 # -----------------------------------------------------------------------------
 # tokenizer: Qwen2 byte-level BPE
 
-# The added tokens in the official order. Their ids follow the BPE vocabulary (151643.. in Qwen2.5); the first 14 are
-# flagged special. All of them are matched verbatim in text before anything else.
+# The added tokens in the official order, ids after the BPE vocabulary (151643.. in Qwen2.5); the first 14 are special
 ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
@@ -37,11 +31,11 @@ ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_sta
 N_SPECIAL = 14
 
 
-def _read_json(path):
+def _read_text(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing")
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return f.read()
 
 
 def bytes_to_unicode():
@@ -57,27 +51,24 @@ def split_regex():
       (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
     stdlib `re` has no \p{..}, and its \s also matches \x1c-\x1f, so letters (L), numbers (N) and Unicode
     White_Space (Oniguruma's \s) are spelled out as code-point ranges from unicodedata. Digits split one by one."""
-    ranges = {"L": [], "N": [], "space": []}
-    for cp in range(0x40000):  # planes 4-16 hold no letters, numbers or spaces (tags, selectors, private use)
+    def kind(cp):
         cat = unicodedata.category(chr(cp))
-        key = "space" if 0x09 <= cp <= 0x0D or cp == 0x85 or cat in ("Zs", "Zl", "Zp") else cat[0]
+        return "space" if 0x09 <= cp <= 0x0D or cp == 0x85 or cat in ("Zs", "Zl", "Zp") else cat[0]
+    ranges = {"L": [], "N": [], "space": []}
+    for key, run in groupby(range(0x40000), kind):  # planes 4-16 hold no letters, numbers or spaces
         if key in ranges:
-            run = ranges[key]
-            if run and run[-1][1] == cp - 1:
-                run[-1][1] = cp
-            else:
-                run.append([cp, cp])
+            run = list(run)
+            ranges[key].append((run[0], run[-1]))
     L, N, S = ("".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges[k]) for k in ("L", "N", "space"))
     return re.compile(rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]| ?[^{S}{L}{N}]+[\r\n]*"
                       rf"|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
 
 
 class Tokenizer:
-    """Qwen2 tokenizer: added tokens are cut out verbatim first; each remaining piece is NFC-normalised, split by
-    the regex, mapped to byte characters and merged by BPE rank. No BOS/EOS is added."""
+    """Qwen2 tokenizer (vocab: BPE token → id; merges: [(a, b)] in rank order; added: token → id). Added tokens are
+    cut out verbatim first; the rest is NFC-normalised, split by the regex, byte-mapped, BPE-merged. No BOS/EOS."""
 
     def __init__(self, vocab, merges, added):
-        # vocab: BPE token → id; merges: [(a, b)] in rank order; added: added token → id
         self.vocab, self.merges, self.added = vocab, merges, added
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         self.id_to_token = {i: t for t, i in {**vocab, **added}.items()}
@@ -89,17 +80,14 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path):
-        """Read vocab.json, merges.txt and the added tokens of tokenizer_config.json (+ added_tokens.json)."""
-        vocab = _read_json(os.path.join(path, "vocab.json"))
-        decoder = _read_json(os.path.join(path, "tokenizer_config.json")).get("added_tokens_decoder", {})
+        vocab = json.loads(_read_text(os.path.join(path, "vocab.json")))
+        decoder = json.loads(_read_text(os.path.join(path, "tokenizer_config.json"))).get("added_tokens_decoder", {})
         added = {t["content"]: int(i) for i, t in decoder.items()}
         if os.path.isfile(os.path.join(path, "added_tokens.json")):
-            added.update(_read_json(os.path.join(path, "added_tokens.json")))
+            added.update(json.loads(_read_text(os.path.join(path, "added_tokens.json"))))
         merges_txt = os.path.join(path, "merges.txt")
-        if not os.path.isfile(merges_txt):
-            raise FileNotFoundError(f"{merges_txt} is missing")
-        with open(merges_txt, encoding="utf-8") as f:
-            merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
+        lines = _read_text(merges_txt).split("\n")
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
         if any(len(pair) != 2 for pair in merges):
             raise ValueError(f"{merges_txt} has a line that is not two tokens separated by one space")
         return cls(vocab, merges, added)
@@ -108,8 +96,7 @@ class Tokenizer:
         return max(self.id_to_token) + 1
 
     def bpe(self, word):
-        """One pre-token → ids: utf-8 bytes as characters, then merge the lowest-ranked adjacent pair (leftmost
-        on ties) until no pair has a rank."""
+        """One pre-token → ids: its utf-8 byte characters merged pair by pair, lowest rank first (leftmost on ties)."""
         if word not in self.cache:
             parts = [self.byte_char[b] for b in word.encode("utf-8")]
             while len(parts) > 1:
@@ -130,22 +117,20 @@ class Tokenizer:
             if k % 2:
                 ids.append(self.added[piece])
             else:
-                for word in split_regex().findall(unicodedata.normalize("NFC", piece)):
-                    ids.extend(self.bpe(word))
+                ids += [i for w in split_regex().findall(unicodedata.normalize("NFC", piece)) for i in self.bpe(w)]
         return ids
 
     def decode(self, ids):
-        out, buf = [], bytearray()
+        out, buf = "", bytearray()
         for i in ids:
             if i not in self.id_to_token:
                 raise ValueError(f"token id {i} is not in the vocabulary")
             tok = self.id_to_token[i]
             if tok in self.added:
-                out += [buf.decode("utf-8", errors="replace"), tok]
-                buf = bytearray()
+                out, buf = out + buf.decode("utf-8", errors="replace") + tok, bytearray()
             else:
                 buf.extend(self.char_byte[c] for c in tok)
-        return "".join(out) + buf.decode("utf-8", errors="replace")
+        return out + buf.decode("utf-8", errors="replace")
 
 
 # -----------------------------------------------------------------------------
@@ -158,13 +143,11 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 def vl_copy(img):
     """A jointly resized image (sides multiples of 32) → the VL copy scaled by 28/32 (PIL default resample);
     the official processor is then called with do_resize=False, so each 32 px become one 28-px vision token."""
-    w, h = img.size
-    return img.resize((round(w * 28 / 32), round(h * 28 / 32)))
+    return img.resize(tuple(round(s * 28 / 32) for s in img.size))
 
 
 def image_to_pixels(img, mean=IMAGE_MEAN, std=IMAGE_STD, unit=28):
-    """PIL image with sides multiples of `unit` (14-px patch × 2×2 merge) → [3, H, W] float32, (x/255 − mean)/std.
-    The patch layout is made by the vision tower (PatchEmbed); the grid is (1, H/14, W/14)."""
+    """PIL image, sides multiples of `unit` (14 px × 2) → [3, H, W] fp32 (x/255 − mean)/std; grid (1, H/14, W/14)."""
     w, h = img.size
     if w < unit or h < unit or w % unit or h % unit:
         raise ValueError(f"VL image {w}x{h} is not a positive multiple of {unit} px per side (one merged patch)")
@@ -176,27 +159,21 @@ def expand_image_pads(ids, counts, pad_id):
     """Each <|image_pad|> (one per image, in order) → that image's count of merged vision tokens."""
     if ids.count(pad_id) != len(counts):
         raise ValueError(f"text has {ids.count(pad_id)} <|image_pad|> tokens for {len(counts)} images")
-    counts, out = iter(counts), []
-    for i in ids:
-        out.extend([i] * next(counts) if i == pad_id else [i])
-    return out
+    counts = iter(counts)
+    return [j for i in ids for j in ([i] * next(counts) if i == pad_id else [i])]
 
 
 # -----------------------------------------------------------------------------
-# rotary helpers (rotate-half convention in both towers)
+# shared by both towers: rotary helpers (rotate-half convention), RMSNorm, SwiGLU MLP
 
 
 def inv_freq(dim, theta):  # [dim/2]
     return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
 
 
-def rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-b, a], dim=-1) * sin
 
 
 def vision_rope(hw, head_dim, theta=10000.0):
@@ -231,24 +208,17 @@ def mrope_positions(ids, grids, image_id):
     return torch.cat(out, dim=1) if out else torch.zeros(3, 0, dtype=torch.long)
 
 
-# -----------------------------------------------------------------------------
-# building blocks shared by both towers
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x)); biased in the vision tower, bias-free in the LM."""
-
+class MLP(nn.Module):  # SwiGLU
     def __init__(self, dim, hidden, bias):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
@@ -279,9 +249,8 @@ def window_order(hm, wm, ws):
 
 
 class PatchEmbed(nn.Module):
-    """Official weight: Conv3d(3 → D, kernel = stride = (2, 14, 14)) over a still image repeated on 2 frames. The two
-    frames are identical, so it equals a Conv2d whose kernel is the sum of the two temporal kernels (exact in real
-    arithmetic, not bitwise); we run that Conv2d on the whole image and emit the patches in merge order."""
+    """Official weight: Conv3d(3 → D, kernel = stride = (2, 14, 14)) over a still image on 2 identical frames, i.e. a
+    Conv2d with the two temporal kernels summed (exact in real arithmetic, not bitwise); patches come in merge order."""
 
     def __init__(self, dim, patch, temporal, in_chans, merge):
         super().__init__()
@@ -304,11 +273,9 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, lens):  # x [N, D]; attention within each of the consecutive segments `lens`
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.heads, -1).unbind(1)  # N, H, hd each
-        q = apply_rope(q.float(), cos[:, None], sin[:, None]).to(x.dtype)
-        k = apply_rope(k.float(), cos[:, None], sin[:, None]).to(x.dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # H, N, hd
-        o = [F.scaled_dot_product_attention(a, b, c) for a, b, c in zip(q.split(lens, 1), k.split(lens, 1),
-                                                                       v.split(lens, 1))]
+        q, k = (apply_rope(t.float(), cos[:, None], sin[:, None]).to(x.dtype) for t in (q, k))
+        q, k, v = (t.transpose(0, 1).split(lens, 1) for t in (q, k, v))  # H, n, hd per segment
+        o = [F.scaled_dot_product_attention(*qkv) for qkv in zip(q, k, v)]
         return self.proj(torch.cat(o, dim=1).transpose(0, 1).reshape(N, D))
 
 
@@ -326,15 +293,13 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """RMSNorm, then the m² patch features of a merged token concatenated → MLP with exact (erf) GELU."""
-
     def __init__(self, dim, out_dim, merge):
         super().__init__()
         self.ln_q = RMSNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim * merge ** 2, dim * merge ** 2), nn.GELU(),
-                                 nn.Linear(dim * merge ** 2, out_dim))
+                                 nn.Linear(dim * merge ** 2, out_dim))  # exact (erf) GELU
 
-    def forward(self, x):  # [N, D] → [N/m², out_dim]
+    def forward(self, x):  # [N, D] → [N/m², out_dim]: the m² patches of a merged token concatenated
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
 
 
@@ -351,21 +316,17 @@ class VisionTower(nn.Module):
         """imgs: list of normalised [3, H, W] → [Σ merged tokens, out_hidden_size], row-major, image after image."""
         vc, m = self.vc, self.vc.spatial_merge_size
         ws = vc.window_size // m // vc.patch_size  # window side in merged tokens (112 px → 4)
-        xs, hw, order, win_lens, img_lens, offset = [], [], [], [], [], 0
+        xs, hw, order, win_lens, img_lens = [], [], [], [], []
         for img in imgs:
-            x = self.patch_embed(img)
             gh, gw = img.shape[1] // vc.patch_size, img.shape[2] // vc.patch_size
-            grid = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"), dim=-1)
             idx, sizes = window_order(gh // m, gw // m, ws)
-            xs.append(x)
-            hw.append(merge_order(grid, m))
-            order.append(idx + offset)
+            xs.append(self.patch_embed(img))
+            hw.append(merge_order(torch.cartesian_prod(torch.arange(gh), torch.arange(gw)).view(gh, gw, 2), m))
+            order.append(idx + sum(img_lens) // (m * m))  # offset: the earlier images' merged tokens
             win_lens += [s * m * m for s in sizes]
             img_lens.append(gh * gw)
-            offset += gh * gw // (m * m)
         order = torch.cat(order).to(xs[0].device)
-        # window reordering: merged tokens (m² consecutive patches each) are regrouped window by window, so every
-        # attention segment (a window, or a whole image in the full-attention blocks) is contiguous
+        # merged tokens (m² patches each) regrouped by window: every attention segment (window or image) is contiguous
         regroup = lambda t: t.reshape(-1, m * m, t.shape[-1])[order].flatten(0, 1)
         cos, sin = vision_rope(torch.cat(hw).to(order.device), vc.hidden_size // vc.num_heads)
         x, cos, sin = regroup(torch.cat(xs)), regroup(cos), regroup(sin)
@@ -389,9 +350,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask):  # x [B, L, D]; cos, sin [B, L, hd]; mask [B, 1, L, L] bool
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (p(x).view(B, L, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))  # GQA
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -430,9 +389,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but {n_feats} image features")
         if image_embeds is not None:
             x[is_image] = image_embeds.to(x.dtype)  # row-major: row 0's images first
-        cos, sin = mrope(pos, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
-                         cfg.rope_scaling["mrope_section"])
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        cos, sin = (t.to(x.dtype) for t in mrope(pos, hd, cfg.rope_theta, cfg.rope_scaling["mrope_section"]))
         causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
         mask = (causal[None] & attn[:, None, :])[:, None]  # B, 1, L, L: causal and no padded keys
         for layer in self.layers:
@@ -461,41 +419,37 @@ def chat_text(prompt, n_images):
 class TextEncoder(nn.Module):
     def __init__(self, cfg, tokenizer, image_mean=IMAGE_MEAN, image_std=IMAGE_STD):
         super().__init__()
-        self.visual = VisionTower(cfg.vision_config)
-        self.model = LanguageModel(cfg)
+        self.visual, self.model = VisionTower(cfg.vision_config), LanguageModel(cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        # the official code hard-codes drop_idx = 64, the token count of PREFIX in the Qwen2.5 vocabulary; counting
-        # it keeps the same meaning (drop exactly the system block + "<|im_start|>user\n") for the toy vocabulary
+        # the official drop_idx = 64 is PREFIX's token count in Qwen2.5; counting keeps that for the toy vocabulary
         self.drop_idx = len(tokenizer.encode(PREFIX))
+        self.unit = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # px per merged token (28)
         self.compute_device, self.offload = None, False  # set by load_text_encoder
 
     def forward(self, ids, attn, pixels):
         """ids [B, L] with expanded image pads, attn [B, L] bool (padding at the end), pixels: per row a list of
         normalised [3, H, W] → last hidden state [B, L, D]."""
-        unit = self.cfg.vision_config.patch_size * self.cfg.vision_config.spatial_merge_size
         flat = [p.to(ids.device) for row in pixels for p in row]
         image_embeds = self.visual(flat) if flat else None
         pos = torch.zeros(3, *ids.shape, dtype=torch.long)
         for b, row in enumerate(pixels):
             n = int(attn[b].sum())
-            grids = [(p.shape[1] // unit, p.shape[2] // unit) for p in row]
+            grids = [(p.shape[1] // self.unit, p.shape[2] // self.unit) for p in row]
             pos[:, b, :n] = mrope_positions(ids[b, :n].tolist(), grids, self.cfg.image_token_id)
         return self.model(ids, image_embeds, pos.to(ids.device), attn)
 
     @torch.no_grad()
     def encode(self, prompts, images=None, pixel_budget=1024 * 1024, max_images=6):
-        """prompts: a str or B strs; images: one list of PIL images per prompt, as the user gave them. Applies the
-        UniPic-3 preprocessing (joint pixel-budget resize, 28/32 VL copy), the chat template, runs the encoder and
-        drops the system prefix → emb [B, L, D], mask [B, L] bool (True = real token, padding at the end).
-        pixel_budget=None: the images are already the jointly resized VAE inputs (training caches), so only the
-        28/32 copy is made — resizing twice could move a side by one multiple of 32."""
+        """prompts: a str or B strs; images: one list of PIL images per prompt, as the user gave them. UniPic-3 joint
+        pixel-budget resize, 28/32 VL copy, chat template, encoder, system prefix dropped → emb [B, L, D], mask [B, L]
+        bool (True = real token, padding at the end). pixel_budget=None: the images are already the jointly resized
+        VAE inputs (training caches); resizing twice could move a side by 32 px, so only the 28/32 copy is made."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [[] for _ in prompts] if images is None else images
         if len(images) != len(prompts) or any(not isinstance(row, (list, tuple)) for row in images):
             raise ValueError(f"images must be one list of PIL images per prompt ({len(prompts)} prompts)")
-        tok, p = self.tokenizer, self.cfg.vision_config.patch_size
-        unit = p * self.cfg.vision_config.spatial_merge_size
+        tok, p, unit = self.tokenizer, self.cfg.vision_config.patch_size, self.unit
         rows, pixels = [], []
         for b, (prompt, imgs) in enumerate(zip(prompts, images)):
             if len(imgs) > max_images:
@@ -515,8 +469,7 @@ class TextEncoder(nn.Module):
             self.to(device)
         try:
             L = max(len(r) for r in rows)
-            pad = tok.added["<|endoftext|>"]
-            ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=device)
+            ids = torch.tensor([r + [tok.added["<|endoftext|>"]] * (L - len(r)) for r in rows], device=device)
             attn = torch.arange(L, device=device)[None] < torch.tensor([len(r) for r in rows], device=device)[:, None]
             hidden = self(ids, attn, pixels)
         finally:
@@ -525,8 +478,7 @@ class TextEncoder(nn.Module):
         return pack.pad_text([h[self.drop_idx:len(r)] for h, r in zip(hidden, rows)])
 
     def encode_with_negative(self, prompts, images, **kw):
-        """(emb, mask) of the prompts and (neg_emb, neg_mask) of the official negative prompt " " with the same
-        images, in one batched call."""
+        """(emb, mask) of the prompts and (neg_emb, neg_mask) of NEGATIVE_PROMPT with the same images, in one batch."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         emb, mask = self.encode(prompts + [NEGATIVE_PROMPT] * len(prompts), list(images) * 2, **kw)
         halves = [(emb[s], mask[s]) for s in (slice(0, len(prompts)), slice(len(prompts), None))]
@@ -597,14 +549,13 @@ def _official_name(key):
 
 
 def load_text_encoder(root, dtype=torch.bfloat16, device="cpu", offload=False):
-    """root = a pipeline folder with text_encoder/, tokenizer/, processor/. Built on the meta device and filled
-    tensor by tensor (model.read_state: keys checked over all shards first, one ValueError for any missing,
-    unexpected or mis-shaped key). `lm_head.weight` is the one key skipped: only the last hidden state is used (it
-    is untied in 7B). offload=True keeps the weights on the CPU and moves them to `device` only while encoding."""
+    """root: a pipeline folder with text_encoder/, tokenizer/, processor/. Built on the meta device, filled by
+    model.read_state (one ValueError for any missing, unexpected or mis-shaped key); `lm_head.weight` (untied in 7B) is
+    skipped, only the last hidden state is used. offload=True: weights on the CPU, on `device` only while encoding."""
     folder = os.path.join(root, "text_encoder")
-    cfg = TextEncoderConfig.from_dict(_read_json(os.path.join(folder, "config.json")))
+    cfg = TextEncoderConfig.from_dict(json.loads(_read_text(os.path.join(folder, "config.json"))))
     tokenizer = Tokenizer.from_folder(os.path.join(root, "tokenizer"))
-    proc = _read_json(os.path.join(root, "processor", "preprocessor_config.json"))
+    proc = json.loads(_read_text(os.path.join(root, "processor", "preprocessor_config.json")))
     vc = cfg.vision_config
     if (proc.get("patch_size", 14), proc.get("merge_size", 2)) != (vc.patch_size, vc.spatial_merge_size):
         raise ValueError(f"processor patch/merge size {proc.get('patch_size')}/{proc.get('merge_size')} "
@@ -612,9 +563,7 @@ def load_text_encoder(root, dtype=torch.bfloat16, device="cpu", offload=False):
     with torch.device("meta"):
         te = TextEncoder(cfg, tokenizer, proc.get("image_mean", IMAGE_MEAN), proc.get("image_std", IMAGE_STD))
     expected = {k: tuple(v.shape) for k, v in te.state_dict().items()}
-    load_device = "cpu" if offload else device
     state = M.read_state(folder, expected, stem="model", rename=_official_name, skip={"lm_head.weight"})
-    sd = {k: v.to(load_device, dtype) for k, v in state}
-    te.load_state_dict(sd, strict=True, assign=True)
+    te.load_state_dict({k: v.to("cpu" if offload else device, dtype) for k, v in state}, strict=True, assign=True)
     te.compute_device, te.offload = torch.device(device), offload
     return te.eval().requires_grad_(False)

@@ -1,22 +1,11 @@
 """
-The toy world (paper §4.1's data, in miniature): procedurally generated composition and editing tasks with exact
-ground truth, the stand-in for the paper's pipeline (CC12M persons, Qwen-Image objects, a curated HOI conflict
-matrix, Nano-Banana / Seedream targets).
-
-A person (identity: head shape × skin × shirt) under a layout the inputs do not fix (placement, scale, pose,
-horizon, sun; ToyWorld.layout); 14 item categories at the HOI positions head / torso / right_hand / left_hand /
-both_hands / feet in 6 colours, sampled under the conflict matrix; 6 backgrounds. Composition: 2–6 sources (the
-person on its own background, one image per item, maybe a scene), each rendered alone at its own random size and
-aspect. Editing: one full scene + add / remove / replace / recolour an item or change the background.
-Instructions name the inputs Image1..ImageK, as the official demo prompts do.
-
-API
-  ToyWorld(seed, cfg).scene(i) -> scene dict (json-able, deterministic in (seed, i)); .sample(i) -> dict(
-      input_images=[PIL], output_image=PIL, instruction=str, scene=dict), sources at their own random sizes.
-  draw_scene(size, background, person, items, layout) -> PIL, the renderer the judge (eval.py) also uses.
-  instruction_corpus(n, seed): instructions only (the toy tokenizer's corpus).
-Seeds: training uses seeds in [0, BENCH_SEED); ToyCom-Bench (eval.py) draws from BENCH_SEED, validation from
-VAL_SEED, both held out. data.py turns the world into datasets and latent caches.
+The toy world (paper §4.1's data, in miniature; docs/toyworld.md): procedurally generated composition and editing
+tasks with exact ground truth, the stand-in for the paper's pipeline (CC12M persons, Qwen-Image objects, a curated
+HOI conflict matrix, Nano-Banana / Seedream targets). A person (head shape × skin × shirt) with 14 item categories
+at 6 HOI positions in 6 colours under the conflict matrix, on 6 backgrounds, under a layout the inputs do not fix.
+Composition: 2–6 sources (the person on its own background, one image per item, maybe a scene), each rendered
+alone at its own random size and aspect; editing: one full scene + add / remove / replace / recolour an item or
+change the background. Instructions name the inputs Image1..ImageK, as the official demo prompts do.
 """
 import itertools
 import json
@@ -31,7 +20,6 @@ TOY_BUDGET = 128 * 128  # toy pixel budget: all references together, and the tar
 TOY_SIZE = (128, 128)  # default target (W, H): a 16×16 latent, 8×8 = 64 tokens after 2×2 packing
 OUT_SIZES = [(128, 128), (160, 96), (96, 160), (144, 112), (112, 144)]  # mixed-shape targets within the budget
 WORLD_VERSION = 3  # part of every latent-cache fingerprint: a changed world is never served from an old cache
-#   (v3: every edit's layout is drawn "posed", in training and in the bench alike)
 TRAIN_SEED = 0  # training worlds use seeds in [0, BENCH_SEED)
 BENCH_SEED = 1_000_000  # ToyCom-Bench draws from seeds >= BENCH_SEED: held out from training
 VAL_SEED = 2_000_000  # the validation split (training-time monitoring, recipe choices): held out, not the bench
@@ -71,11 +59,9 @@ CONFLICT = np.array([
 CATEGORIES = {"top hat": "head", "cap": "head", "crown": "head", "bag": "torso", "medal": "torso",
               "bow tie": "torso", "balloon": "hand", "flag": "hand", "book": "hand", "banner": "both_hands",
               "barbell": "both_hands", "boots": "feet", "sneakers": "feet", "flippers": "feet"}
-CATS_AT = {p: [c for c, s in CATEGORIES.items() if s == p or (s == "hand" and p.endswith("_hand"))]
-           for p in POSITIONS}
+CATS_AT = {p: [c for c, s in CATEGORIES.items() if s == p or (s == "hand" and p.endswith("_hand"))] for p in POSITIONS}
 HANDS = {"right_hand": (22, 76), "left_hand": (106, 76)}  # the person faces us: their right hand is image-left
-# item drawings in canonical 128-px coordinates: (primitive, coords, filled with the item colour, else ink);
-# hand items are relative to the hand centre, +x pointing away from the body
+# items as (primitive, canonical coords, 1: item colour / 0: ink); hand items relative to the hand centre, +x outward
 ITEM_SHAPES = {
     "top hat": [("rect", (52, 1, 76, 21), 1), ("rect", (42, 19, 86, 26), 1)],
     "cap": [("chord", (46, 6, 82, 42), 1), ("rect", (74, 19, 91, 25), 1)],
@@ -97,17 +83,15 @@ HEAD_SHAPES = {"round": ("ellipse", (50, 26, 78, 52)), "square": ("rect", (51, 2
                "triangle": ("poly", (48, 27, 80, 27, 64, 54))}
 
 
-def valid(positions):
-    """True if no two of these item positions conflict (and none repeats)."""
+def valid(positions):  # True if no two of these item positions conflict (and none repeats)
     return not any(CONFLICT[POSITIONS.index(p), POSITIONS.index(q)] for p, q in itertools.combinations(positions, 2))
 
 
 VALID_SETS = [s for r in range(len(POSITIONS) + 1) for s in itertools.combinations(POSITIONS, r) if valid(s)]
 
 # -----------------------------------------------------------------------------
-# rendering. The person is drawn in canonical 128-px coordinates under a transform tf = (ox, oy, s): a canonical
-# point (x, y) lands on pixel (ox + s·x, oy + s·y). A layout fixes what the inputs do not (ToyWorld v2): the
-# transform (placement and scale), the pose (each hand's height) and background details (horizon, a sun).
+# rendering: the person in canonical 128-px coordinates under tf = (ox, oy, s), point (x, y) -> pixel (ox + s·x,
+# oy + s·y). A layout fixes what the inputs do not: tf (placement, scale), the pose (hand heights), horizon and sun.
 
 HAND_Y = 76  # canonical hand height of the default pose; a layout moves each hand within HAND_YS
 HAND_YS = list(range(66, 80, 2))  # arm angles: hand heights, keeping every hand item inside its judged region
@@ -116,12 +100,8 @@ SCALES = [round(0.78 + 0.02 * k, 2) for k in range(9)]  # person scale, a share 
 HORIZON = (0.5, 0.75)  # horizon row as a share of H, for scenes with a ground colour (default 0.62)
 SUN = (255, 250, 215)  # a pale disk somewhere in the sky; no item, skin or ground colour is near it
 SUN_R = 0.06  # its radius as a share of min(W, H)
-# How a target layout is drawn. "free" is ToyWorld v2 (placement anywhere it fits, 9 scales, 7 hand heights,
-# horizon and sun anywhere): the bench and the judge use it. "posed" draws a subset of the same valid layouts —
-# the person centred at scale 0.94 (near its reference's full frame), 3 hand heights per hand, horizon and sun on
-# the 8-px grid of latent pixels — and is what the toy teachers train on: on "free" data a 1.4M-parameter teacher
-# never learned to carry the person's colours from a reference to a freely placed and scaled copy, and sampled a
-# patchwork (README, "Status"). Its outputs still differ in pose, horizon and sun; the judge accepts any valid layout.
+# Target layouts: "free" (anywhere it fits, 9 scales, 7 hand heights; bench and judge) or "posed", the subset the toy
+# teachers train on (docs/history.md says why): centred at scale 0.94, 3 hand heights, horizon and sun on an 8-px grid.
 LAYOUTS = {"free": dict(step=1, scales=SCALES, hands=HAND_YS, both=BOTH_HAND_YS),
            "posed": dict(step=8, scales=SCALES[-1:], hands=HAND_YS[::3], both=BOTH_HAND_YS[::2], centred=True)}
 
@@ -152,8 +132,7 @@ def _paint(d, tf, kind, xy, fill):
         d.polygon(pts, fill=fill, outline=INK, width=lw)
 
 
-def hand_centres(hands=(HAND_Y, HAND_Y)):
-    """Canonical centres of the right and left hand for hand heights (right, left)."""
+def hand_centres(hands=(HAND_Y, HAND_Y)):  # hand heights (right, left) -> canonical centres of both hands
     return {"right_hand": (HANDS["right_hand"][0], hands[0]), "left_hand": (HANDS["left_hand"][0], hands[1])}
 
 
@@ -191,15 +170,13 @@ def paint_person(d, tf, person, hands=(HAND_Y, HAND_Y)):
 
 
 def default_layout(size):
-    """ToyWorld v1's fixed layout: the person filling the centred min(W, H) square, default pose, horizon at
-    62%, no sun. Source images use it; v2 targets draw a random one (ToyWorld.layout)."""
+    """Source images' layout: the person filling the centred min(W, H) square, default pose, horizon at 62%, no sun."""
     S = min(size)
     return dict(x=(size[0] - S) / 2, y=(size[1] - S) / 2, scale=1.0, hands=[HAND_Y, HAND_Y],
                 horizon=round(0.62 * size[1]), sun=None)
 
 
-def transform(size, lay):
-    """The canonical -> pixel transform (ox, oy, s) of a layout on a (W, H) canvas."""
+def transform(size, lay):  # the canonical -> pixel transform (ox, oy, s) of a layout on a (W, H) canvas
     return lay["x"], lay["y"], lay["scale"] * min(size) / 128
 
 
@@ -217,9 +194,8 @@ def draw_background(size, background, lay):
 
 
 def draw_scene(size, background, person=None, items=None, layout=None):
-    """The exact image of a scene at size (W, H) under a layout (default_layout if None): background and its
-    details, a two-handed item (held behind the body), the person, the other items. Without a person: the
-    background alone (a scene source image)."""
+    """The exact image of a scene at (W, H) under a layout (default: default_layout), also the judge's renderer:
+    background, a two-handed item (held behind the body), the person, the other items. No person: a scene source."""
     lay = layout or default_layout(size)
     img, d = draw_background(size, background, lay)
     tf, items, hands = transform(size, lay), items or {}, lay["hands"]
@@ -251,10 +227,9 @@ def render_inputs(scene):
     for src in scene["sources"]:
         if src["kind"] == "item":
             out.append(draw_item(src["size"], *src["item"]))
-        elif src["kind"] == "scene":
-            out.append(draw_scene(src["size"], src["background"]))
-        else:  # "person" (alone, on its own background) or "edit" (a full scene)
-            out.append(draw_scene(src["size"], src["background"], scene["person"], src.get("items"), src.get("layout")))
+        else:  # a background "scene", the "person" alone on its own background, or an "edit" (a full scene)
+            person = None if src["kind"] == "scene" else scene["person"]
+            out.append(draw_scene(src["size"], src["background"], person, src.get("items"), src.get("layout")))
     return out
 
 
@@ -269,7 +244,7 @@ def render_target(scene):
 @dataclass
 class WorldConfig:
     out_size: tuple = TOY_SIZE  # target (W, H); None: one of OUT_SIZES per sample
-    p_edit: float = 0.4  # share of single-image editing samples (v3: 0.4, was 0.25; the bench fixes its own 200 + 100)
+    p_edit: float = 0.4  # share of single-image editing samples (the bench fixes its own 200 + 100)
     min_inputs: int = 2  # composition: number of source images, the person included
     max_inputs: int = 6
     p_scene: float = 0.3  # chance that one composition source (of 3 or more) is a background scene
@@ -345,10 +320,8 @@ class ToyWorld:
         return f"{item[1]} {item[0]}" if rng.random() < self.cfg.p_colour_word else item[0]
 
     def layout(self, rng, size, items, background, grid=None):
-        """What the inputs leave free in the target (ToyWorld v2), on an integer grid the judge can search:
-        the person's scale and placement anywhere it fits, each hand's height (one shared height under a
-        two-handed item), the horizon and a sun somewhere in the sky. grid (default WorldConfig.layout) picks
-        how finely: a key of LAYOUTS."""
+        """What the inputs leave free in the target, on an integer grid the judge can search: the person's scale and
+        placement, each hand's height (one shared under a two-handed item), horizon and sun. grid: a LAYOUTS key."""
         W, H = size
         g = LAYOUTS[grid or self.cfg.layout]
         step = g["step"]
@@ -366,7 +339,7 @@ class ToyWorld:
         return dict(x=x, y=y, scale=scale, hands=hands, horizon=horizon, sun=sun)
 
     def scene(self, i, kind=None, n_inputs=None, op=None):
-        """The scene index of sample i; kind ("compose" / "edit"), n_inputs and op override the random choice."""
+        """Sample i's json-able scene index; kind ("compose" / "edit"), n_inputs and op override the random draw."""
         rng, cfg = random.Random(f"{self.seed}/{i}"), self.cfg
         kind = kind or ("edit" if rng.random() < cfg.p_edit else "compose")
         size = list(cfg.out_size or rng.choice(OUT_SIZES))
@@ -411,7 +384,8 @@ class ToyWorld:
         else:
             p = rng.choice(sorted(before))
             cat, colour = before[p]
-            ref = f"the {_it_edit(rng, before[p], cfg)}" + (f" {WHERE[p]}" if p.endswith("_hand") else "")
+            name = f"{colour} {cat}" if rng.random() < 0.5 else cat  # an edit names its item, maybe its colour
+            ref = f"the {name}" + (f" {WHERE[p]}" if p.endswith("_hand") else "")
             if op == "remove":
                 del items[p]
                 text = template.format(ref=ref)
@@ -422,9 +396,8 @@ class ToyWorld:
                 items[p] = [cat, rng.choice([c for c in COLOURS if c != colour])]
                 text = template.format(ref=ref, colour=items[p][1])
         text = text[0].upper() + text[1:]
-        # an edit keeps the input's placement, pose and background details; only a new background draws new ones.
-        # v3: edits are laid out "posed" (the person near the full frame, pose / horizon / sun free) in training and
-        # in the bench alike; the input fixes the layout, so the judge holds the output to it (eval.py)
+        # an edit keeps its input's layout (cfg.edit_layout: "posed" in training and bench alike) and the judge holds
+        # the output to it; only a background edit's input has a horizon and sun of its own
         lay = self.layout(rng, size, items | before, new_bg, cfg.edit_layout)
         src_lay = dict(lay)
         if op == "background":
@@ -435,18 +408,13 @@ class ToyWorld:
                        sun=[v * scale for v in src_lay["sun"]] if src_lay["sun"] else None)
         src = dict(kind="edit", size=[round(size[0] * scale), round(size[1] * scale)], background=bg, items=before,
                    layout=src_lay)
-        changed = [p] if p else ["background"]
-        return dict(scene, op=op, background=new_bg, items=items, checked=changed, sources=[src], instruction=text,
-                    layout=lay)
+        return dict(scene, op=op, background=new_bg, items=items, checked=[p] if p else ["background"], sources=[src],
+                    instruction=text, layout=lay)
 
     def sample(self, i, **force):
         scene = self.scene(i, **force)
         return dict(input_images=render_inputs(scene), output_image=render_target(scene),
                     instruction=scene["instruction"], scene=scene)
-
-
-def _it_edit(rng, item, cfg):  # an edit names the item it changes: its category, maybe its colour
-    return f"{item[1]} {item[0]}" if rng.random() < 0.5 else item[0]
 
 
 def instruction_corpus(n, seed=TRAIN_SEED, cfg=None):

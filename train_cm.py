@@ -157,9 +157,7 @@ def main(cfg):
     t_last, logged = time.time(), step
     with T.preemption_guard() as caught:
         while step < cfg.steps:
-            lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = T.set_lr(opt, T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps))
             idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
             loss_sum = tnorm_sum = 0.0
             for m in range(accum):

@@ -1,26 +1,19 @@
 """
-Plumbing shared by train_fm.py, train_cm.py and train_dmd.py — plain functions, no Trainer class:
-process groups (DDP, or FSDP2 for the 20B model), AdamW without decay on 1-D params, the official quarter-cosine
-LR schedule, EMA, the timestep sampler, the latent cache and the batches drawn from it (one cache serves all three
-trainers), atomic checkpoints with exact resume, periodic evaluation on the validation split, metrics.
+Plumbing shared by train_fm.py, train_cm.py and train_dmd.py — plain functions, no Trainer class: process groups (DDP,
+or FSDP2 for the 20B model), AdamW without decay on 1-D params, the official quarter-cosine LR schedule, EMA, the
+timestep sampler, the latent cache (one for all three trainers) and its batches, checkpoints, evals, metrics.
 
-Checkpoint layout under OUT/:
-    ckpt/step_000100/checkpoint.pt + state.json    (model, EMA, optimiser, DMD's fake score, RNGs: exact resume)
-    ckpt/latest                                    (names the last complete step folder)
-    transformer/, ema_transformer/                 (official layout: load_mmdit, diffusers)
-A step folder is written completely before `latest` is switched to it (temp file + rename), so a run killed
-mid-write leaves the previous checkpoint loadable.
-
-FSDP2 (--fsdp true under torchrun, the 20B path) never puts a whole model on one rank: what only it needs (the
-meta-device build, per-rank reads, the sharded checkpoint format dcp/, the streamed export, the memory plan) is
-sharded.py, imported only where a sharded model or checkpoint is met; the toy path never loads it.
+OUT/ holds ckpt/step_000100/ (a checkpoint: see the checkpoints section), ckpt/latest (names the last complete step
+folder), transformer/ and ema_transformer/ (official layout: load_mmdit, diffusers). FSDP2 (--fsdp true under torchrun,
+the 20B path) never puts a whole model on one rank: what only it needs (the meta-device build, per-rank reads, the
+sharded checkpoint format dcp/, the streamed export, the memory plan) is sharded.py, never loaded on the toy path.
 
 Failing fast and recovering (the same for the three trainers):
   - check_config: every flag and path checked before any process group, model or cache: one `error:` line;
-  - the last --keep_ckpts checkpoints stay; --resume true verifies them newest first and falls back past a
-    damaged one with a one-line warning (resume);
-  - SIGTERM / SIGUSR1: the step finishes, a checkpoint is written, exit 0; every rank stops after the same
-    step (preemption_guard, preempted);
+  - atomic checkpoints: a step folder is written whole (temp + rename) before `latest` names it, so a run killed
+    mid-write leaves the previous one loadable; the last --keep_ckpts stay, and --resume true verifies them newest
+    first, falls back past a damaged one with a one-line warning and goes on bit-identically (resume);
+  - SIGTERM / SIGUSR1: every rank finishes the same step, checkpoints and exits 0 (preemption_guard, end_of_step);
   - the latent cache: a killed build resumes at its first unfinished shard, a corrupt shard is one line naming
     the file and how to rebuild it (build_cache, data.cache_latents).
 """
@@ -40,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
 import model as M
@@ -57,9 +51,9 @@ from sample import TOY_CKPT, SchedulerConfig, calculate_mu, parse_config, shift_
 
 @dataclass(kw_only=True)
 class Config:
-    """The flags the three trainers share. Each trainer's Config extends it with its method's flags and sets its
-    recipe: the fields without a default here, and any default it changes. Every field is a flag (parse_config);
-    its comment, here or in the trainer, is the flag's --help."""
+    """The flags the three trainers share; each trainer's Config adds its method's flags and sets its recipe (the
+    fields without a default here, any default it changes). Every field is a flag (parse_config); its comment, here
+    or in the trainer, is its --help."""
     assets: str = TOY_CKPT  # pipeline root with vae/, text_encoder/, tokenizer/ (frozen encoders)
     data: str = "toy:posed"  # "toy:posed" (what the toy models train on), "toy" (free layouts) or an official jsonl
     n_data: int = 12000  # toy samples to generate and cache (≈ 16 minutes once on 2 CPU processes; CM, DMD reuse it)
@@ -106,8 +100,7 @@ ASSET_FOLDERS = ("vae", "text_encoder", "tokenizer", "processor")  # what the la
 def check_config(cfg):
     """Every flag and path, before anything is built or written: SystemExit("error: …") naming the flag,
     one line (printed by rank 0 alone under torchrun), exit code 1."""
-    problem = config_problem(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    if problem:
+    if problem := config_problem(cfg, int(os.environ.get("WORLD_SIZE", 1))):
         raise SystemExit(f"error: {problem}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
@@ -131,17 +124,14 @@ def config_problem(cfg, world):
     for name in filter(has, TRANSFORMERS):
         path = getattr(cfg, name)
         required = name == "teacher" or (name == "init" and not has("preset"))  # FM can start from scratch
-        if path or required:
-            problem = folder_problem(path)
-            if problem:
-                return f"--{name} {path!r} is not a transformer folder ({problem})"
+        if (path or required) and (problem := folder_problem(path)):
+            return f"--{name} {path!r} is not a transformer folder ({problem})"
     if not os.path.isdir(cfg.assets):
         return f"--assets {cfg.assets!r} is not a folder"
     for sub in ASSET_FOLDERS:
         if not os.path.isdir(os.path.join(cfg.assets, sub)):
             return f"--assets {cfg.assets!r} has no {sub}/ folder (needs {', '.join(ASSET_FOLDERS)})"
-    problem = data_problem(cfg.data, cfg.budget)
-    if problem:
+    if problem := data_problem(cfg.data, cfg.budget):
         return problem
     for name in ("out", "cache"):
         if os.path.exists(getattr(cfg, name)) and not os.path.isdir(getattr(cfg, name)):
@@ -184,21 +174,19 @@ def data_problem(data, budget):
 
 def setup_dist():
     """→ (rank, world, device). torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return rank, world, device
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def start_run(cfg):
-    """What every trainer does first: every flag checked (check_config), then processes, seeds, the output folder,
-    the batch split and the latent cache. Returns (rank, world, device, per-rank batch, accumulation steps,
-    dataset, each sample's row count)."""
+    """Every trainer's start: flags checked, then processes, seeds, the output folder, the batch split and the latent
+    cache. → (rank, world, device, per-rank batch, accumulation steps, dataset, each sample's row count)."""
     check_config(cfg)
     rank, world, device = setup_dist()
     torch.manual_seed(cfg.seed + rank)
@@ -219,9 +207,17 @@ def cleanup_dist():
 
 
 def finish_run(pbar, model, rank):
-    """After the loop: close the progress bar, check that the ranks hold the same weights, leave the group."""
+    """After the loop: close the progress bar, check that the DDP ranks hold the same weights (a checksum per tensor,
+    gathered), leave the group."""
     pbar.close()
-    check_ranks_agree(model, rank)
+    if dist.is_initialized() and not is_sharded(model):
+        sums = [p.detach().double().sum().item() for p in unwrap(model).parameters()]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sums)
+        if any(g != gathered[0] for g in gathered):
+            raise SystemExit("error: the processes ended with different weights")
+        if rank == 0:
+            print(f"ranks agree: identical weights on {len(gathered)} processes")
     cleanup_dist()
 
 
@@ -240,11 +236,7 @@ def wrap(model, world, device, fsdp=False, bf16=False):
     if world == 1 or is_sharded(model):
         return model
     if fsdp:
-        import sharded
-
-        return sharded.shard(model, device, bf16)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+        return _sharded().shard(model, device, bf16)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -256,10 +248,16 @@ def no_sync(model, last):
     """Gradient sync only on the last micro-step of an accumulation (DDP `no_sync`, FSDP2 flag)."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-    if hasattr(model, "no_sync") and not last:
+    elif hasattr(model, "no_sync") and not last:
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def _sharded():
+    """sharded.py, imported only where a sharded model or checkpoint is met (never on the toy path)."""
+    import sharded
+
+    return sharded
 
 
 def is_sharded(model):
@@ -276,19 +274,6 @@ def full_state_dict(model):
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def check_ranks_agree(model, rank):
-    """After training under DDP: every rank must hold the same weights (a checksum per tensor, gathered)."""
-    if not dist.is_initialized() or is_sharded(model):
-        return
-    sums = [p.detach().double().sum().item() for p in unwrap(model).parameters()]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sums)
-    if any(g != gathered[0] for g in gathered):
-        raise SystemExit("error: the processes ended with different weights")
-    if rank == 0:
-        print(f"ranks agree: identical weights on {len(gathered)} processes")
-
-
 def mean_over_ranks(x):
     if dist.is_initialized():
         x = x.detach().clone()
@@ -300,16 +285,14 @@ def mean_over_ranks(x):
 # -----------------------------------------------------------------------------
 # preemption: a cluster scheduler sends SIGTERM (SLURM can send SIGUSR1 ahead of time) before it kills the job
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
 
 @contextlib.contextmanager
 def preemption_guard():
     """Around the training loop: SIGTERM / SIGUSR1 only append their name to the yielded list, so the loop can
-    finish its step, checkpoint and exit 0 (see `preempted`). The previous handlers come back afterwards."""
+    finish its step, checkpoint and exit 0 (see `end_of_step`). The previous handlers come back afterwards."""
     caught = []
     old = {s: signal.signal(s, lambda signum, frame: caught.append(signal.Signals(signum).name))
-           for s in PREEMPT_SIGNALS}
+           for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield caught
     finally:
@@ -317,43 +300,29 @@ def preemption_guard():
             signal.signal(s, handler)
 
 
-def preempted(caught, device):
-    """Called once a step by every rank: True on all ranks if any of them caught a signal (one all_reduce of a
-    flag), so all stop after the same step, whichever process the scheduler signalled."""
-    flag = torch.tensor([float(len(caught) > 0)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
-
-
-def report_preemption(out, step, caught, rank):
-    if rank == 0:
-        why = caught[0] if caught else "a signal to another process"
-        print(f"stopped by {why} after step {step}: checkpoint {os.path.join(out, 'ckpt', f'step_{step:06d}')}; "
-              f"continue with --resume true", flush=True)
-
-
 def end_of_step(cfg, step, caught, device, rank, pbar, meter, save, export, eval_model, sampler):
-    """The three trainers' end of a step: a checkpoint (`save()`) every --save_every steps, at the last step and at
-    once when any rank was signalled; the exported folders (`export()`) with the scheduled checkpoints (not when
-    preempted: the grace period is short); a validation eval of `eval_model` every --eval_every steps on toy data.
-    Returns True when the loop must stop (preempted), after saying how to continue."""
+    """`save()` every --save_every steps, at the last step and at once when any rank was signalled; `export()` with
+    the scheduled saves only (the grace period is short); a validation eval of `eval_model` every --eval_every steps
+    on toy data. True when the loop must stop (preempted), after saying how to continue."""
     saving = step % cfg.save_every == 0 or step == cfg.steps
-    stop = preempted(caught, device)
+    flag = torch.tensor([float(len(caught) > 0)], device=device)
+    if dist.is_initialized():  # one rank signalled: all stop after this step, whichever the scheduler signalled
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop = flag.item() > 0
     if saving or stop:
         save()
     if saving:
         export()
     if stop:
         pbar.close()
-        report_preemption(cfg.out, step, caught, rank)
+        if rank == 0:
+            why = caught[0] if caught else "a signal to another process"
+            print(f"stopped by {why} after step {step}: checkpoint {os.path.join(cfg.out, 'ckpt', f'step_{step:06d}')}"
+                  f"; continue with --resume true", flush=True)
         return True
     if D.toy_world_config(cfg.data) and cfg.eval_cases and (step % cfg.eval_every == 0 or step == cfg.steps):
-        net = unwrap(eval_model)
-        if is_sharded(eval_model):  # a plain copy on rank 0 (collective)
-            import sharded
-
-            net = sharded.gathered(eval_model, rank)
+        # a sharded model: a plain copy on rank 0 (collective)
+        net = _sharded().gathered(eval_model, rank) if is_sharded(eval_model) else unwrap(eval_model)
         if rank == 0:
             evaluate(cfg.assets, net, cfg.out, step, meter, cfg.eval_cases, cfg.eval_steps, cfg.eval_cfg, sampler)
     return False
@@ -379,6 +348,13 @@ def lr_at(step, lr, lr_min, warmup, total):
     return lr * max(math.cos(math.pi * x / 2), lr_min / lr)
 
 
+def set_lr(opt, lr):
+    """Set every parameter group of opt to lr (the step's lr_at); returns lr."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def ema_decay(step, decay):
     """EMA warm-up: min(decay, (1 + step) / (10 + step)), so a short run's EMA is not dominated by the init
     (0.998 alone still weighs the init 25% after 700 steps)."""
@@ -390,9 +366,7 @@ def ema_update(ema, model, decay):
     """ema ← decay·ema + (1 − decay)·model, over the full weights. Under FSDP2 the EMA is sharded like the model
     and each rank updates its own rows (sharded.ema_update)."""
     if is_sharded(model):
-        import sharded
-
-        return sharded.ema_update(ema, model, decay)
+        return _sharded().ema_update(ema, model, decay)
     src = unwrap(model).state_dict()
     if not src:
         return
@@ -407,8 +381,7 @@ def ema_update(ema, model, decay):
 
 def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
     """Logit-normal t, then the same dynamic shift as sampling, from each sample's target token count."""
-    u = torch.randn(len(shapes), generator=generator) * std + mean
-    t = torch.sigmoid(u)
+    t = torch.sigmoid(torch.randn(len(shapes), generator=generator) * std + mean)
     shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
     return time_shift(t, shift)
 
@@ -420,15 +393,13 @@ def on_path(x, noise, tgt, t):
 
 
 def fm_loss(model, x, shapes, txt, txt_mask, t, noise, target=None, cos_loss=False):
-    """Eq. (1) on the target rows: ‖F(x_t, t) − (ε − x)‖². x, noise [B, N, C] (clean unified sequences,
-    zero-padded); t [B] in (0, 1). Per-sample mean squared velocity error, then the batch mean (the official
-    trainers run batch 1 per GPU). target [B, N, C] (fp32): another regression target in place of ε − x (CM's
-    Eq. 11); cos_loss: + mean(1 − cos) over the latent channels (the official CM and DMD trainers)."""
+    """Eq. (1) on the target rows: ‖F(x_t, t) − (ε − x)‖²; x (clean), noise [B, N, C] zero-padded, t [B] in (0, 1).
+    Per-sample mean, then the batch mean (the official trainers run batch 1 per GPU). target [B, N, C] (fp32): in
+    place of ε − x (CM's Eq. 11); cos_loss: + mean(1 − cos) over latent channels (the official CM, DMD trainers)."""
     tgt = target_rows(shapes, x.shape[1], x.device)[..., None]  # [B, N, 1]
     v = model(on_path(x, noise, tgt, t), shapes, txt, txt_mask, t).float()
     target = (noise - x).float() if target is None else target
-    err = (v - target).pow(2) * tgt
-    loss = (err.sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
+    loss = (((v - target).pow(2) * tgt).sum((1, 2)) / (tgt.sum((1, 2)) * x.shape[2])).mean()
     if cos_loss:
         cos = torch.nn.functional.cosine_similarity(v, target, dim=-1, eps=1e-8)[..., None]  # [B, N, 1]
         loss = loss + ((1 - cos) * tgt).sum((1, 2)).div(tgt.sum((1, 2))).mean()
@@ -441,11 +412,12 @@ def fm_loss(model, x, shapes, txt, txt_mask, t, noise, target=None, cos_loss=Fal
 
 def build_cache(cfg, rank, world):
     """Each process encodes its share (i ≡ rank mod world) into cache/<fingerprint>/part{rank}of{world}; returns the
-    full dataset. The fingerprint covers the data, its size, the world version and the encoder files, so a changed
-    VAE is never reused; a complete cache written by any number of processes is reused as it is. A killed build
-    resumes at its first unfinished shard (D.cache_latents); a corrupt shard stops the run with one line."""
-    files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder") for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
-    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, toyworld.WORLD_VERSION] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
+    full dataset. The fingerprint covers the data, its size, the world version and the encoder files (a changed VAE
+    is never reused); a complete cache written by any number of processes is reused. Killed builds resume."""
+    files = [os.path.join(cfg.assets, d, f) for d in ("vae", "text_encoder")
+             for f in sorted(os.listdir(os.path.join(cfg.assets, d)))]
+    key = json.dumps([cfg.data, cfg.n_data, cfg.budget, cfg.seed, toyworld.WORLD_VERSION]
+                     + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files])
     root = os.path.join(cfg.cache, hashlib.sha1(key.encode()).hexdigest()[:12])
     complete = lambda w: all(os.path.exists(os.path.join(root, f"part{r}of{w}", "index.json")) for r in range(w))
     built = sorted(int(d.rpartition("of")[2]) for d in (os.listdir(root) if os.path.isdir(root) else [])
@@ -456,20 +428,19 @@ def build_cache(cfg, rank, world):
         vae = V.load_vae(os.path.join(cfg.assets, "vae"))
         te = TE.load_text_encoder(cfg.assets)
         toy = D.toy_world_config(cfg.data)
-        if toy:
-            ds = D.ToyDataset(cfg.n_data, seed=toyworld.TRAIN_SEED + cfg.seed, budget=cfg.budget, cfg=toy)
-        else:
-            ds = D.JsonlDataset(cfg.data, budget=cfg.budget)
+        ds = (D.ToyDataset(cfg.n_data, seed=toyworld.TRAIN_SEED + cfg.seed, budget=cfg.budget, cfg=toy) if toy
+              else D.JsonlDataset(cfg.data, budget=cfg.budget))
         shard = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
-        if rank == 0:  # the one-time cost, said up front (toy: ~9 minutes for 8,000 samples on 2 CPU processes)
+        if rank == 0:  # the one-time cost, said up front
             print(f"latent cache: encoding {len(ds)} samples into {root} ({world} process(es)); reused by every "
                   f"later run with the same --data/--n_data/--budget/--seed and encoders", flush=True)
         # references arrive jointly resized already (pixel_budget=None: only the 28/32 copy for the encoder);
         # the posterior mean is cached (the official trainers draw a VAE sample each time)
-        D.cache_latents(shard, lambda x: vae.normalize(vae.encode(x)), lambda p, ims: te.encode(p, ims, pixel_budget=None),
+        D.cache_latents(shard, lambda x: vae.normalize(vae.encode(x)),
+                        lambda p, ims: te.encode(p, ims, pixel_budget=None),
                         parts[rank], shard_size=D.CACHE_SHARD, null_prompt=" ")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    if dist.is_initialized():
+        dist.barrier()
     try:
         return torch.utils.data.ConcatDataset([D.LatentDataset(p) for p in parts])
     except ValueError as e:  # a corrupt shard: one line naming it and how to rebuild it
@@ -496,14 +467,9 @@ def batch_indices(step, lengths, global_batch, seed, pool=8):
 def make_batch(items, cond_drop, generator, device, with_neg=False):
     """Cached items → x [B, N, C], shapes, txt [B, L, D], txt_mask; the instruction is dropped to " " at cond_drop.
     with_neg: also the null-prompt condition (" ", same images) as (neg [B, L', D], neg_mask), for guidance."""
-    seqs, shapes, txts = [], [], []
     drop = torch.rand(len(items), generator=generator) < cond_drop
-    for it, d in zip(items, drop):
-        s, hw = unified_sequence(it["target"], it["refs"])
-        seqs.append(s)
-        shapes.append(hw)
-        txts.append(it["neg"] if d else it["txt"])
-    txt, txt_mask = pad_text(txts)
+    seqs, shapes = map(list, zip(*(unified_sequence(it["target"], it["refs"]) for it in items)))
+    txt, txt_mask = pad_text([it["neg"] if d else it["txt"] for it, d in zip(items, drop)])
     out = (collate(seqs, shapes).to(device), shapes, txt.to(device), txt_mask.to(device))
     if with_neg:
         neg, neg_mask = pad_text([it["neg"] for it in items])
@@ -534,54 +500,31 @@ def trainable_names(model):
     return {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
-def trainable_state(model):
-    """The weights an optimiser changes (all of a full model; only the adapters of a LoRA model whose base is shared
-    with a frozen teacher): what a checkpoint must hold to resume it."""
-    full = full_state_dict(model)
-    train = trainable_names(model)
-    return {k: v for k, v in full.items() if k in train} if train != set(full) else full
-
-
-def rank_rng_states(generator=None):
-    """[torch RNG state, generator state] of every rank (gathered: collective under torchrun), so that each rank
-    gets its own noise stream back on resume."""
-    mine = [torch.get_rng_state()] + ([generator.get_state()] if generator is not None else [])
-    if not dist.is_initialized():
-        return [mine]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def checkpoint_groups(ema, extra):
-    """The entries a resume needs, in checkpoint.pt or (sharded) in dcp/."""
-    return ["model", "optim"] + (["ema"] if ema is not None else []) + [f"{n}{s}" for n in extra or {}
-                                                                       for s in ("", "_optim")]
-
-
 def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, keep=2, extra=None):
-    """Everything needed to resume exactly; `info` is a json-able dict (data position, config, …).
-    extra: {name: (model, optimizer)} for further trained networks (DMD's fake score), saved in the same step
-    folder, so the switch of `latest` covers them all at once. The folder is written as step_N.tmp and renamed
-    whole, then `latest` is switched to it (atomic), so a run killed mid-write leaves the previous one loadable.
-    The `keep` newest step folders up to this step stay; newer ones belong to an abandoned run (restarted, or
-    resumed from before them) and go. A sharded model (FSDP2) writes dcp/, each rank its own shards, nothing
-    gathered (sharded.save_dcp)."""
+    """Everything needed to resume exactly; `info` is a json-able dict (data position, config, …). extra: {name:
+    (model, optimizer)} for further trained networks (DMD's fake score), in the same step folder so that one switch
+    of `latest` covers them all. Written as step_N.tmp, renamed whole, then `latest` switched to it (atomic). The
+    `keep` newest step folders up to this step stay; newer ones belong to an abandoned run (restarted, or resumed
+    from before them) and go. A sharded model writes dcp/, each rank its own shards (sharded.save_dcp)."""
     root, name = os.path.join(out, "ckpt"), f"step_{step:06d}"
     tmp = os.path.join(root, name + ".tmp")
     shapes = {k: list(v.shape) for k, v in unwrap(model).state_dict().items()}  # DTensors: the global shapes
     if is_sharded(model):
-        import sharded
-
-        sharded.save_dcp(tmp, model, ema, opt, rank, extra)  # collective
+        _sharded().save_dcp(tmp, model, ema, opt, rank, extra)  # collective
         ck = {}
     else:
         ck = {"model": full_state_dict(model), "optim": opt.state_dict()}
         if ema is not None:
             ck["ema"] = ema.state_dict()
         for n, (m, o) in (extra or {}).items():
-            ck[n], ck[f"{n}_optim"] = trainable_state(m), o.state_dict()
-    ck["rng"] = rank_rng_states(generator)  # collective
+            # only what its optimiser changes (a LoRA model's adapters: its base is shared with a frozen teacher)
+            train = trainable_names(m)
+            ck[n], ck[f"{n}_optim"] = {k: v for k, v in full_state_dict(m).items() if k in train}, o.state_dict()
+    mine = [torch.get_rng_state()] + ([generator.get_state()] if generator is not None else [])
+    ck["rng"] = [mine]
+    if dist.is_initialized():  # every rank's RNG states (collective), so each gets its own noise streams back
+        ck["rng"] = [None] * dist.get_world_size()
+        dist.all_gather_object(ck["rng"], mine)
     if rank != 0:
         return
     if not is_sharded(model):
@@ -593,9 +536,8 @@ def save_checkpoint(out, step, model, ema, opt, info, generator=None, rank=0, ke
     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     os.replace(tmp, os.path.join(root, name))
     M.atomic_write(os.path.join(root, "latest"), name)
-    older = [c for c in checkpoints(out) if checkpoint_step(c) <= step]
-    newer = [c for c in checkpoints(out) if checkpoint_step(c) > step]
-    for c in newer + older[keep:]:
+    kept = [c for c in checkpoints(out) if checkpoint_step(c) <= step][:keep]
+    for c in set(checkpoints(out)) - set(kept):
         shutil.rmtree(c, ignore_errors=True)
 
 
@@ -612,9 +554,7 @@ def checkpoint_step(folder):
 
 def latest_checkpoint(out):
     path = os.path.join(out, "ckpt", "latest")
-    if not os.path.exists(path):
-        return None
-    return os.path.join(out, "ckpt", open(path).read().strip())
+    return os.path.join(out, "ckpt", open(path).read().strip()) if os.path.exists(path) else None
 
 
 def is_dcp(folder):
@@ -634,8 +574,7 @@ def read_checkpoint(folder, mmap=False):
 
 def checkpoint_problem(folder, groups):
     """Why the checkpoint in `folder` cannot be resumed from, in a few words, or None: state.json and checkpoint.pt
-    must read whole (a truncated file does not) and hold every one of `groups` (in dcp/ for a sharded checkpoint:
-    sharded.dcp_problem)."""
+    must read whole and hold every one of `groups` (the entries a resume needs; in dcp/ if sharded)."""
     try:
         _, ck = read_checkpoint(folder, mmap=True)  # reads the header, not the tensors
     except Exception as e:  # missing file, torn write, truncated data
@@ -644,9 +583,7 @@ def checkpoint_problem(folder, groups):
     if missing:
         return f"checkpoint.pt holds no {', '.join(missing)}"
     if is_dcp(folder):
-        import sharded
-
-        return sharded.dcp_problem(os.path.join(folder, "dcp"), groups)
+        return _sharded().dcp_problem(os.path.join(folder, "dcp"), groups)
     return None
 
 
@@ -657,9 +594,7 @@ def one_line(e):
 def _load_full(model, sd, strict=True):
     """A whole state dict into a plain or a sharded model (each rank keeps its rows: sharded.load_full)."""
     if is_sharded(model):
-        import sharded
-
-        sharded.load_full(model, sd, strict)
+        _sharded().load_full(model, sd, strict)
     else:
         unwrap(model).load_state_dict(sd, strict=strict)
 
@@ -667,9 +602,7 @@ def _load_full(model, sd, strict=True):
 def _load_full_optimizer(model, opt, osd):
     """A whole optimiser state dict into the optimiser of a plain or a sharded model (sharded.load_full_optimizer)."""
     if is_sharded(model):
-        import sharded
-
-        sharded.load_full_optimizer(model, opt, osd)
+        _sharded().load_full_optimizer(model, opt, osd)
     else:
         opt.load_state_dict(osd)
 
@@ -677,13 +610,10 @@ def _load_full_optimizer(model, opt, osd):
 def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
     """Restore model, EMA, optimiser, the `extra` {name: (model, optimizer)} and RNG states in place (each rank
     its own streams); returns (step, info). A sharded checkpoint (dcp/) loads into sharded or plain models, each
-    rank reading only what it holds, whatever the number of processes that wrote it; checkpoint.pt is read whole
-    by every rank (toy scale)."""
+    rank reading only what it holds; checkpoint.pt is read whole by every rank (toy scale)."""
     state, ck = read_checkpoint(folder)
     if is_dcp(folder):
-        import sharded
-
-        sharded.load_dcp(folder, model, ema, opt, extra)
+        _sharded().load_dcp(folder, model, ema, opt, extra)
     else:
         _load_full(model, ck["model"])
         _load_full_optimizer(model, opt, ck["optim"])
@@ -704,11 +634,10 @@ def load_checkpoint(folder, model, ema, opt, generator=None, extra=None):
 
 
 def resume(cfg, model, ema, opt, generator, rank, extra=None):
-    """With --resume true: restore everything in place from the newest usable checkpoint under cfg.out (each is
-    verified first: an unusable one is named in a warning and the one before it tried); returns the step to go
-    on from (0 when there is no checkpoint). None usable, or one of another model: one error line.
-    A sharded checkpoint resumes with any number of processes, with or without --fsdp (dcp reshards); bit-identical
-    to an uninterrupted run with the same number."""
+    """With --resume true: restore everything in place from the newest usable checkpoint under cfg.out (an unusable
+    one is named in a warning and the one before it tried); returns the step to go on from (0: no checkpoint). None
+    usable, or one of another model: one error line. A sharded checkpoint resumes with any number of processes, with
+    or without --fsdp (dcp reshards); bit-identical to an uninterrupted run with the same number."""
     if not cfg.resume:
         return 0
     found = checkpoints(cfg.out)
@@ -716,8 +645,10 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
         if rank == 0:
             print(f"no checkpoint under {os.path.join(cfg.out, 'ckpt')}: starting at step 0")
         return 0
+    groups = (["model", "optim"] + (["ema"] if ema is not None else [])  # the entries a resume needs
+              + [f"{n}{s}" for n in extra or {} for s in ("", "_optim")])
     for folder in found:
-        problem = checkpoint_problem(folder, checkpoint_groups(ema, extra))
+        problem = checkpoint_problem(folder, groups)
         if problem is None:
             break
         if rank == 0:
@@ -746,24 +677,16 @@ def resume(cfg, model, ema, opt, generator, rank, extra=None):
 def export(out, model, ema, kind="teacher", rank=0):
     """Write OUT/transformer and OUT/ema_transformer in the official layout (official names, no prefixes).
     Sharded models are streamed, one tensor gathered at a time (sharded.export_sharded)."""
-    if is_sharded(model):
-        import sharded
-
-        for name, m in (("transformer", model), ("ema_transformer", ema)):
-            if m is not None:
-                sharded.export_sharded(m, os.path.join(out, name), f"nanounipic-{kind}", rank)
-        return
-    msd = full_state_dict(model)
-    if rank != 0:
-        return
-    base = unwrap(model)
-    for name, sd in (("transformer", msd), ("ema_transformer", ema.state_dict() if ema is not None else None)):
-        if sd is None:
+    for name, m in (("transformer", model), ("ema_transformer", ema)):
+        if m is None:
             continue
-        with torch.device("meta"):
-            m = M.MMDiT(base.cfg)
-        m.load_state_dict({k: v.detach().cpu() for k, v in sd.items()}, strict=True, assign=True)
-        M.save_mmdit(m, os.path.join(out, name), name_or_path=f"nanounipic-{kind}")
+        if is_sharded(model):
+            _sharded().export_sharded(m, os.path.join(out, name), f"nanounipic-{kind}", rank)
+        elif rank == 0:
+            with torch.device("meta"):
+                net = M.MMDiT(unwrap(model).cfg)
+            net.load_state_dict(full_state_dict(m), strict=True, assign=True)
+            M.save_mmdit(net, os.path.join(out, name), name_or_path=f"nanounipic-{kind}")
 
 
 # -----------------------------------------------------------------------------

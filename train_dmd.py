@@ -143,10 +143,11 @@ class Config(T.Config):
 def build_models(cfg, device, sharded=False):
     """student (init, or the average of init and init2), its EMA, the frozen teacher and the fake score F_φ
     (a full copy of the teacher, or LoRA adapters on the teacher itself: then `fake is teacher`).
-    sharded (FSDP2): each is built on the meta device, sharded, and each rank reads its own rows of the folders;
-    the teacher's frozen weights are stored in bf16 under --bf16."""
+    sharded (FSDP2): no rank holds a whole model (sharded.dmd_models)."""
     if sharded:
-        return build_sharded(cfg, device)
+        import sharded as SH  # FSDP2 only: the toy path never loads it
+
+        return SH.dmd_models(cfg, device)
     student = M.load_mmdit(cfg.init, dtype=torch.float32)
     if cfg.init2:
         other = M.load_mmdit(cfg.init2, dtype=torch.float32).state_dict()
@@ -163,24 +164,6 @@ def build_models(cfg, device, sharded=False):
         fake = copy.deepcopy(teacher).requires_grad_(True).train()
         T.freeze_unused(fake)
     return student.to(device), ema, teacher.to(device), fake.to(device)
-
-
-def build_sharded(cfg, device):
-    import sharded as SH  # FSDP2 only: the toy path never loads it
-
-    student = SH.meta_mmdit(cfg.init)
-    T.freeze_unused(student)
-    SH.shard(student, device, cfg.bf16)
-    SH.fill_shards(student, [SH.weight_tensors(f) for f in (cfg.init, cfg.init2) if f], cfg.init)
-    ema = SH.sharded_copy(student, device, cfg.bf16)
-    adapters = (cfg.fake_lora_rank, cfg.fake_lora_alpha) if cfg.fake_lora_rank else None
-    teacher = SH.sharded_teacher(cfg.teacher, device, cfg.bf16, adapters, cfg.seed)  # a LoRA fake score rides on it
-    fake = teacher
-    if not cfg.fake_lora_rank:
-        fake = SH.meta_mmdit(cfg.teacher)
-        T.freeze_unused(fake)
-        SH.fill_shards(SH.shard(fake, device, cfg.bf16), [SH.weight_tensors(cfg.teacher)], cfg.teacher)
-    return student, ema, teacher, fake
 
 
 # -----------------------------------------------------------------------------
@@ -225,9 +208,7 @@ def main(cfg):
 
     with T.preemption_guard() as caught:
         while step < cfg.steps:
-            lr = T.lr_at(step, cfg.lr, cfg.lr_min, 0, cfg.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = T.set_lr(opt, T.lr_at(step, cfg.lr, cfg.lr_min, 0, cfg.steps))
             n_gen = step % cfg.max_gen_steps + 1  # backward simulation: 1, 2, 3, 4, 1, …
             # 1. the fake score F_φ: flow matching (Eq. 1) on fresh student samples
             fake_loss = 0.0

@@ -20,7 +20,6 @@ SIGTERM / SIGUSR1 finish the step, write a checkpoint and exit 0, and --resume t
 trainers share this: train_common.py).
 """
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -113,9 +112,7 @@ def main(cfg):
     t_last, tokens, rows, padded, logged = time.time(), 0, 0, 0, step
     with T.preemption_guard() as caught:
         while step < cfg.steps:
-            lr = T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = T.set_lr(opt, T.lr_at(step, cfg.lr, cfg.lr_min, cfg.warmup, cfg.steps))
             idx = T.batch_indices(step, lengths, cfg.batch, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
             loss_sum = 0.0
             for m in range(accum):
@@ -155,31 +152,11 @@ def main(cfg):
             if T.end_of_step(cfg, step, caught, device, rank, pbar, meter,
                              save=lambda: T.save_checkpoint(cfg.out, step, dmodel, ema, opt, {"config": asdict(cfg)},
                                                             g, rank, cfg.keep_ckpts),
-                             export=lambda: export_lora(cfg, dmodel, rank) if cfg.lora_rank else
-                             T.export(cfg.out, dmodel, ema, "teacher", rank),
+                             export=lambda: (lora.export_merged(dmodel, cfg.out, rank, cfg.lora_rank, cfg.lora_alpha)
+                                             if cfg.lora_rank else T.export(cfg.out, dmodel, ema, "teacher", rank)),
                              eval_model=ema if ema is not None else dmodel, sampler="euler"):
                 break
     T.finish_run(pbar, dmodel, rank)
-
-
-def export_lora(cfg, dmodel, rank):
-    """LoRA runs export the base with the adapters merged in (official keys only)."""
-    import lora
-
-    if T.is_sharded(dmodel):  # streamed, one tensor gathered at a time
-        import sharded
-
-        sharded.export_sharded(dmodel, os.path.join(cfg.out, "transformer"), "nanounipic-teacher-lora", rank)
-        return
-    sd = T.full_state_dict(dmodel)
-    if rank != 0:
-        return
-    base = T.unwrap(dmodel)
-    with torch.device("meta"):
-        m = M.MMDiT(base.cfg)
-    lora.add_lora(m, cfg.lora_rank, cfg.lora_alpha)
-    m.load_state_dict(sd, strict=True, assign=True)
-    M.save_mmdit(lora.merge_lora(m), os.path.join(cfg.out, "transformer"), name_or_path="nanounipic-teacher-lora")
 
 
 if __name__ == "__main__":

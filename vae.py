@@ -1,17 +1,13 @@
 """
-The Qwen-Image VAE as a 2-D image autoencoder: 3 x H x W in [-1, 1] <-> 16 x H/8 x W/8 latents.
-
-UniPic 3.0 encodes every reference image and the target with this VAE (paper Eq. 5,
-z_O = f_vae-enc(O), z_k = f_vae-enc(I_k)). The released network is a Wan-2.1-style causal 3-D video VAE
-(diffusers' AutoencoderKLQwenImage). For a single frame it is exactly a 2-D network:
-- every causal Conv3d pads two zero frames in front of the one real frame, so only its last temporal tap
-  ever touches data: it is a Conv2d with kernel weight[:, :, -1] (kT = 1 convs likewise take weight[:, :, 0]);
+The Qwen-Image VAE as a 2-D image autoencoder, 3 x H x W in [-1, 1] <-> 16 x H/8 x W/8 latents: UniPic 3.0 encodes the
+target and every reference with it (paper Eq. 5, z_O = f_vae-enc(O), z_k = f_vae-enc(I_k)). The released network is a
+Wan-2.1-style causal 3-D video VAE (diffusers' AutoencoderKLQwenImage); on one frame it is exactly a 2-D network:
+- each causal Conv3d pads two zero frames before the one real frame, so only its last temporal tap touches data: it is
+  a Conv2d with kernel weight[:, :, -1] (kT = 1 convs likewise take weight[:, :, 0]);
 - the temporal resample convs (`time_conv`) are skipped on the first frame, so they never run;
 - the channel RMS norms' gamma [C, 1, 1, 1] is the 2-D gamma [C, 1, 1] with a time axis.
-Zeroing every earlier tap changes encode and decode by 0.0, so this file builds the image network and
-`load_vae` applies that reduction to the official weights (same key names, shorter kernels, `time_conv`
-checked and dropped); toy_assets.save_vae expands it back so diffusers loads the result and gives the same
-outputs.
+Zeroing every earlier tap changes encode/decode by 0.0, so this file builds the 2-D network; `load_vae` reduces the
+official weights to it (same keys, shorter kernels, `time_conv` checked and dropped); toy_assets.save_vae undoes it.
 """
 
 import json
@@ -26,14 +22,10 @@ import model as M
 
 CLASS_NAME = "AutoencoderKLQwenImage"
 
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-
 
 def tiled(fn, x, tile, overlap, scale):
-    """fn over overlapping tile x tile windows of x [B, C, H, W]; the outputs (scale x the window) are averaged
-    with weights that ramp linearly across each overlap. Every window is full-sized (the last of a row sits
-    flush with the border), so there are no thin edge tiles."""
+    """fn over overlapping tile x tile windows of x [B, C, H, W]; the outputs (scale x the window) are averaged with
+    weights ramping linearly across each overlap. Windows are full-sized: a row's last sits flush with the border."""
     B, _, H, W = x.shape
 
     def starts(n):
@@ -42,8 +34,7 @@ def tiled(fn, x, tile, overlap, scale):
 
     def ramp(n, rise, fall):  # [n] weights in (0, 1]: ramps over the overlap, except at the image border
         i, ov = torch.arange(n) + 0.5, overlap * scale
-        w = torch.ones(n)
-        w = torch.minimum(w, i / ov) if rise else w
+        w = torch.minimum(torch.ones(n), i / ov) if rise else torch.ones(n)
         return torch.minimum(w, (n - i) / ov) if fall else w
 
     out = weight = None
@@ -82,10 +73,8 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim, out_dim, dropout=0.0):
         super().__init__()
         self.dropout = dropout
-        self.norm1 = RMSNorm(in_dim)
-        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, padding=1)
-        self.norm2 = RMSNorm(out_dim)
-        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
+        self.norm1, self.conv1 = RMSNorm(in_dim), nn.Conv2d(in_dim, out_dim, 3, padding=1)
+        self.norm2, self.conv2 = RMSNorm(out_dim), nn.Conv2d(out_dim, out_dim, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x):  # [B, in, H, W] -> [B, out, H, W]
@@ -105,24 +94,20 @@ class Attention(nn.Module):
 
     def forward(self, x):  # [B, C, H, W]
         B, C, H, W = x.shape
-        qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, 3C]
-        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # each [B, 1, HW, C]
+        q, k, v = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, HW, C]
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         return x + self.proj(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
 
 
 class Resample(nn.Module):
-    """down: pad right/bottom by 1, 3x3 stride-2 conv (H -> H/2). up: nearest x2, 3x3 conv that halves C.
-    `temporal` records that the official checkpoint also has a `time_conv` here (never run on an image)."""
+    """down: pad right/bottom, stride 2; up: nearest x2, halve C. `temporal`: the official one adds a `time_conv`."""
 
     def __init__(self, dim, mode, temporal):
         super().__init__()
         self.dim, self.mode, self.temporal = dim, mode, temporal
-        if mode == "down":  # index 1 is the official name `resample.1`
-            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
-        else:
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        pre = nn.ZeroPad2d((0, 1, 0, 1)) if mode == "down" else nn.Upsample(scale_factor=2.0, mode="nearest-exact")
+        conv = nn.Conv2d(dim, dim, 3, stride=2) if mode == "down" else nn.Conv2d(dim, dim // 2, 3, padding=1)
+        self.resample = nn.Sequential(pre, conv)  # the conv is the official `resample.1`
 
     def forward(self, x):
         return self.resample(x)
@@ -162,19 +147,16 @@ class Encoder(nn.Module):
         dims = [cfg.base_dim * m for m in [1] + cfg.dim_mult]
         self.conv_in = nn.Conv2d(cfg.input_channels, dims[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
-        scale = 1.0
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(cfg.num_res_blocks):
                 self.down_blocks.append(ResidualBlock(in_dim, out_dim, cfg.dropout))
-                if scale in cfg.attn_scales:  # attention after every res block at these scales (1, 1/2, ...)
+                if 0.5**i in cfg.attn_scales:  # attention after every res block at these scales (1, 1/2, ...)
                     self.down_blocks.append(Attention(out_dim))
                 in_dim = out_dim
             if i < len(cfg.dim_mult) - 1:
                 self.down_blocks.append(Resample(out_dim, "down", cfg.temperal_downsample[i]))
-                scale /= 2
         self.mid_block = MidBlock(dims[-1], cfg.dropout)
-        self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = nn.Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
+        self.norm_out, self.conv_out = RMSNorm(dims[-1]), nn.Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)
@@ -184,23 +166,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """latent [B, z, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w], unclamped.
-    Each upsampler halves the channels, so every up block after the first starts at half its input width.
-    Like the official decoder, it has no attention outside the mid block (attn_scales is encoder-only)."""
+    """latent [B, z, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w], unclamped. Upsamplers halve C, so up blocks
+    after the first start at half width; no attention outside the mid block, as official (attn_scales: encoder-only)."""
 
     def __init__(self, cfg):
         super().__init__()
         dims = [cfg.base_dim * m for m in [cfg.dim_mult[-1]] + cfg.dim_mult[::-1]]
-        temporal = cfg.temperal_downsample[::-1]
         self.conv_in = nn.Conv2d(cfg.z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0], cfg.dropout)
         self.up_blocks = nn.ModuleList()
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             up = i < len(cfg.dim_mult) - 1
             self.up_blocks.append(UpBlock(in_dim // 2 if i > 0 else in_dim, out_dim, cfg.num_res_blocks,
-                                          cfg.dropout, up, up and temporal[i]))
-        self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = nn.Conv2d(dims[-1], cfg.input_channels, 3, padding=1)
+                                          cfg.dropout, up, up and cfg.temperal_downsample[-1 - i]))
+        self.norm_out, self.conv_out = RMSNorm(dims[-1]), nn.Conv2d(dims[-1], cfg.input_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
@@ -258,12 +237,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, z, tile=None):
-        """un-normalised latent [B, z, h, w] -> image [B, 3, 8h, 8w] clamped to [-1, 1].
-        tile: decode in overlapping windows of tile x tile image pixels (multiple of 32, e.g. 256)."""
+        """un-normalised latent [B, z, h, w] -> image [B, 3, 8h, 8w] clamped to [-1, 1]; tile: as in encode (pixels)."""
         self._check(z, self.cfg.z_dim, "latent", "")
         decode = lambda z: self.decoder(self.post_quant_conv(z))  # noqa: E731
-        f = self.factor
-        x = decode(z) if tile is None else tiled(decode, z, *(n // f for n in self._tiles(tile)), f)
+        x = decode(z) if tile is None else tiled(decode, z, *(n // self.factor for n in self._tiles(tile)), self.factor)
         return x.clamp(-1.0, 1.0)
 
     def _stats(self):  # the config's per-channel latents_mean, latents_std as [1, z, 1, 1] fp32 tensors
@@ -333,9 +310,8 @@ class VAEConfig:
 
 
 def official_shapes(vae):
-    """key -> shape in the released 3-D checkpoint for this network. Causal convs and their norms gain a time
-    axis of length kT (= the kernel's spatial size; gamma [C,1,1] -> [C,1,1,1]); resample convs and attention
-    were 2-D there too; each temporal Resample adds a `time_conv` that never runs on a single image."""
+    """key -> shape in the released 3-D checkpoint: causal convs and their norms gain a time axis of length kT (= the
+    kernel's spatial size; gamma [C,1,1] -> [C,1,1,1]); resample convs and attention were 2-D there too."""
     frame2d = {f"{n}.{k}" for n, m in vae.named_modules() if isinstance(m, (Attention, Resample))
                for k in m.state_dict()}
     shapes = {}
@@ -350,10 +326,8 @@ def official_shapes(vae):
 
 
 def load_vae(path, dtype=torch.float32, device="cpu"):
-    """Read an official `vae/` folder (config.json + diffusion_pytorch_model.safetensors) into the 2-D VAE.
-    Keys and 3-D shapes are checked against the config before anything is loaded; each tensor is read,
-    reduced (weight[:, :, -1]) and cast one at a time into a network built on the meta device; the
-    `time_conv`s (never run on an image) are checked and dropped."""
+    """Read an official `vae/` folder (config.json + diffusion_pytorch_model.safetensors) into the 2-D VAE: keys and
+    3-D shapes checked first, then each read, reduced (weight[:, :, -1]) and cast in turn into a meta-device net."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"VAE folder {path!r} has no config.json")

@@ -245,9 +245,17 @@ def test_condition_dropout_swaps_in_the_null_prompt():
 
 def test_the_toy_path_leaves_scale_machinery_and_builders_unloaded():
     """What `import train_fm, train_cm, train_dmd, sample` loads (the toy path a reader follows) holds no FSDP2
-    module (sharded.py), no LoRA (lora.py: --lora_rank / --fake_lora_rank only) and no asset builder."""
-    code = ("import sys, train_fm, train_cm, train_dmd, sample; "
-            "print(sorted(m for m in ('sharded', 'lora', 'toy_assets', 'bench', 'reproduce') if m in sys.modules))")
+    module (sharded.py), no LoRA (lora.py: --lora_rank / --fake_lora_rank only) and no asset builder, and its
+    project files, eval.py apart, total at most 4,000 lines (issue 27)."""
+    code = ("import os, sys, train_fm, train_cm, train_dmd, sample; "
+            "print(sorted(m for m in ('sharded', 'lora', 'toy_assets', 'bench', 'reproduce') if m in sys.modules)); "
+            "import json; print(json.dumps(sorted({os.path.basename(f) for f in (getattr(m, '__file__', None) "
+            "for m in list(sys.modules.values())) if f and os.path.dirname(os.path.abspath(f)) == os.getcwd() "
+            "and os.path.exists(f)} - {'eval.py'})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    unloaded, files = out.stdout.strip().splitlines()
+    assert unloaded == "[]"
+    lines = {f: sum(1 for _ in open(os.path.join(ROOT, f))) for f in json.loads(files)}
+    print(lines)
+    assert "train_fm.py" in lines and sum(lines.values()) <= 4000, sum(lines.values())
