@@ -33,8 +33,8 @@ Why Eq. 11 as written diverges on the toy (measured, README): see `tangent` belo
     python train_cm.py                                                     # toy, one process
     torchrun --standalone --nproc_per_node=2 train_cm.py                   # toy, 2 processes (gloo)
     torchrun --nproc_per_node=8 train_cm.py --assets Qwen-Image-Edit --data train.jsonl --init Unipic3/transformer \
-        --fsdp true --bf16 true --grad_ckpt true --lr 1e-6 --lr_min 1e-7 --tangent_norm true --guidance 1.75 \
-        --guidance_from ema --cos_loss true --logit_mean 0 --batch 256 --micro_batch 1 --budget 1048576
+        --fsdp true --bf16 true --grad_ckpt true --lr 1e-6 --lr_min 1e-7 --fd_eps 5e-3 --tangent_norm true \
+        --guidance 1.75 --guidance_from ema --cos_loss true --logit_mean 0 --batch 256 --micro_batch 1 --budget 1048576
 """
 import copy
 import math
