@@ -100,14 +100,17 @@ class Attention(nn.Module):
 
 
 class Resample(nn.Module):
-    """down: pad right/bottom, stride 2; up: nearest x2, halve C. `temporal`: the official one adds a `time_conv`."""
+    """down: pad right/bottom by 1, 3x3 stride-2 conv (H -> H/2). up: nearest x2, 3x3 conv that halves C.
+    `temporal`: the official checkpoint also has a `time_conv` here (never run on an image)."""
 
     def __init__(self, dim, mode, temporal):
         super().__init__()
         self.dim, self.mode, self.temporal = dim, mode, temporal
-        pre = nn.ZeroPad2d((0, 1, 0, 1)) if mode == "down" else nn.Upsample(scale_factor=2.0, mode="nearest-exact")
-        conv = nn.Conv2d(dim, dim, 3, stride=2) if mode == "down" else nn.Conv2d(dim, dim // 2, 3, padding=1)
-        self.resample = nn.Sequential(pre, conv)  # the conv is the official `resample.1`
+        if mode == "down":  # index 1 is the official name `resample.1`
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
 
     def forward(self, x):
         return self.resample(x)
@@ -311,7 +314,8 @@ class VAEConfig:
 
 def official_shapes(vae):
     """key -> shape in the released 3-D checkpoint: causal convs and their norms gain a time axis of length kT (= the
-    kernel's spatial size; gamma [C,1,1] -> [C,1,1,1]); resample convs and attention were 2-D there too."""
+    kernel's spatial size; gamma [C,1,1] -> [C,1,1,1]); resample convs and attention were 2-D there too; each temporal
+    Resample adds a `time_conv` that never runs on a single image."""
     frame2d = {f"{n}.{k}" for n, m in vae.named_modules() if isinstance(m, (Attention, Resample))
                for k in m.state_dict()}
     shapes = {}
