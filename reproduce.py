@@ -1,7 +1,7 @@
 r"""
 Rebuild the whole toy pipeline from nothing and print the results table — the method end to end:
 
-    python reproduce.py                  # ≈ 3.4 h on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
+    python reproduce.py                  # ≈ 4.4 h on a 2-core CPU: assets → latent cache → FM → CM → DMD → eval
     python reproduce.py --quick          # the same models, judged on the quick bench subset (40 + 10 cases)
     python reproduce.py --tiny           # seconds: every stage at toy-of-toy size (what tests/test_reproduce.py runs)
 
@@ -10,8 +10,9 @@ continues with the same command):
   1. assets   python toy_assets.py OUT/toy               tokenizer, frozen text encoder, VAE fitted on toy crops
   2. teacher  train_fm.py  --data toy:posed …            flow matching (Eq. 1), latent cache built on the way
               train_fm.py  --init (its bf16 export) …    the v3.1 continuation: 10,000 more steps from lr 1e-3
-  3. cm       train_cm.py  --init OUT/toy/transformer    consistency tuning (Eq. 11)
-  4. dmd      train_dmd.py --init OUT/toy/transformer_cm distribution matching (Eq. 12–14), teacher frozen
+              train_fm.py  --init OUT/teacher_v31 …      v3.2, the committed teacher: 12,500 more from lr 1e-3
+  3. cm       train_cm.py  --init OUT/teacher_v31        consistency tuning (Eq. 11), from the v3.1 teacher
+  4. dmd      train_dmd.py --init OUT/toy/transformer_cm distribution matching (Eq. 12–14), v3.1 teacher frozen
   5. eval     eval.py for each: teacher 50 Euler steps at CFG 2 (100 NFE), CM and DMD 8 few-step steps (8 NFE)
 Every trained model is exported in bf16 into the pipeline folder OUT/toy (transformer/, transformer_cm/,
 transformer_dmd/), the layout of the committed assets/toy, so `python sample.py --ckpt OUT/toy` samples its default.
@@ -40,6 +41,8 @@ FULL = dict(
              "--lr", "3e-3", "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],
     teacher2=["--data", "toy:posed", "--n_data", "12000", "--compile", "true", "--steps", "10000", "--lr", "1e-3",
               "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],  # v3.1: v3 trained on, a second cosine
+    teacher3=["--data", "toy:posed", "--n_data", "12000", "--compile", "true", "--steps", "12500", "--lr", "1e-3",
+              "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],  # v3.2: v3.1 trained on, a third cosine
     cm=["--data", "toy:posed", "--n_data", "12000", "--guidance", "1", "--steps", "600", "--eval_cases", "0"],
     dmd=["--data", "toy:posed", "--n_data", "12000", "--steps", "100", "--micro_batch", "4", "--eval_cases", "0"],
     bench=[],  # the full ToyCom-Bench v2: 200 composition + 100 editing cases
@@ -50,6 +53,8 @@ TINY = dict(
     teacher=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2",
              "--preset", "tiny", "--eval_cases", "0", "--warmup", "1"],
     teacher2=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2",
+              "--eval_cases", "0", "--warmup", "1"],
+    teacher3=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2",
               "--eval_cases", "0", "--warmup", "1"],
     cm=["--data", "toy:posed", "--n_data", "8", "--steps", "2", "--batch", "4", "--micro_batch", "2", "--eval_cases", "0",
         "--warmup", "1"],
@@ -143,22 +148,27 @@ def main(argv=None):
     pipe = os.path.join(out, "toy")
     os.makedirs(out, exist_ok=True)
     cache = ["--cache", os.path.join(out, "cache"), "--assets", pipe]
+    v31 = os.path.join(out, "teacher_v31")
     stages = [
         ("assets", os.path.join(pipe, "model_index.json"),
          [sys.executable, "toy_assets.py", pipe] + recipe["assets"], None),
         ("teacher", os.path.join(out, "teacher_v3"),
          trainer("train_fm.py", args.procs) + recipe["teacher"] + cache + ["--out", os.path.join(out, "fm")], "fm"),
-        ("teacher2", os.path.join(pipe, "transformer"),
+        ("teacher2", v31,
          trainer("train_fm.py", args.procs) + recipe["teacher2"] + cache + ["--out", os.path.join(out, "fm2"),
                                                                             "--init", os.path.join(out, "teacher_v3")],
          "fm2"),
+        ("teacher3", os.path.join(pipe, "transformer"),
+         trainer("train_fm.py", args.procs) + recipe["teacher3"] + cache + ["--out", os.path.join(out, "fm3"),
+                                                                            "--init", v31], "fm3"),
+        # the students are distilled from the v3.1 teacher, as the committed ones (re-distilling them from v3.2 is
+        # issue 28's next step)
         ("cm", os.path.join(pipe, "transformer_cm"),
-         trainer("train_cm.py", args.procs) + recipe["cm"] + cache + ["--out", os.path.join(out, "cm"),
-                                                                      "--init", os.path.join(pipe, "transformer")], "cm"),
+         trainer("train_cm.py", args.procs) + recipe["cm"] + cache + ["--out", os.path.join(out, "cm"), "--init", v31],
+         "cm"),
         ("dmd", os.path.join(pipe, "transformer_dmd"),
          trainer("train_dmd.py", args.procs) + recipe["dmd"] + cache +
-         ["--out", os.path.join(out, "dmd"), "--teacher", os.path.join(pipe, "transformer"),
-          "--init", os.path.join(pipe, "transformer_cm")], "dmd"),
+         ["--out", os.path.join(out, "dmd"), "--teacher", v31, "--init", os.path.join(pipe, "transformer_cm")], "dmd"),
     ]
     times = {}
     for name, done, cmd, run_dir in stages:

@@ -37,7 +37,7 @@ def test_tiny_pipeline_end_to_end_then_every_stage_is_reused(tmp_path):
     assert json.load(open(os.path.join(pipe, "model_index.json")))["nanounipic_default_transformer"] == "transformer_cm"
     again = reproduce("--tiny", "--procs", "1", "--out", out)
     assert again.returncode == 0 and "all stages reused" in again.stdout
-    assert again.stdout.count("skipped") == 5  # assets, teacher (v3, then its v3.1 continuation), cm, dmd
+    assert again.stdout.count("skipped") == 6  # assets, teacher (v3, v3.1, v3.2), cm, dmd
 
 
 def test_bad_procs_is_one_line():
