@@ -379,13 +379,11 @@ def ema_update(ema, model, decay):
 # and of train_dmd.py's fake score
 
 
-def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig(), uniform=0.0):
-    """Logit-normal t, then the same dynamic shift as sampling, from each sample's target token count; a share
-    `uniform` of the samples draws t ~ U(0, 1) instead (the low-t end, which the logit-normal all but skips)."""
+def sample_t(shapes, generator, mean=0.0, std=1.0, sched=SchedulerConfig()):
+    """Logit-normal t, then the same dynamic shift as sampling, from each sample's target token count."""
     t = torch.sigmoid(torch.randn(len(shapes), generator=generator) * std + mean)
     shift = torch.tensor([shift_value(calculate_mu(hw[0][0] * hw[0][1], sched), sched) for hw in shapes])
-    u = torch.rand(len(shapes), 2, generator=generator) if uniform > 0 else torch.ones(len(shapes), 2)
-    return torch.where(u[:, 0] < uniform, u[:, 1], time_shift(t, shift))
+    return time_shift(t, shift)
 
 
 def on_path(x, noise, tgt, t):

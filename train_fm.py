@@ -49,7 +49,6 @@ class Config(T.Config):
     logit_mean: float = 1.0  # official 0 (use it for real data). The toy target is fully determined by the
     #   references, a skill only high t trains (at mid t the noisy target gives the colours away): with 0, the
     #   x0 error at t = 1 stalled at 0.59 (of 0.75 variance); with 1.0 it fell to 0.38 in the same steps
-    t_uniform: float = 0.0  # share of t ~ U(0, 1) (T.sample_t): trains the low t that Euler's last steps run
     lora_rank: int = 0  # > 0: train LoRA adapters only (merged into the exported folders)
     lora_alpha: float = 16.0  # LoRA scale alpha / rank
     compile: bool = False  # torch.compile each block (M.compile_blocks): 1.23× the samples/s at width 144 on this
@@ -119,7 +118,7 @@ def main(cfg):
             for m in range(accum):
                 items = [dataset[i] for i in idx[m * cfg.micro_batch : (m + 1) * cfg.micro_batch]]
                 x, shapes, txt, txt_mask = T.make_batch(items, cfg.cond_drop, g, device)
-                t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std, uniform=cfg.t_uniform).to(device)
+                t = T.sample_t(shapes, g, cfg.logit_mean, cfg.logit_std).to(device)
                 noise = torch.randn(x.shape, generator=g).to(device)
                 with T.no_sync(dmodel, last=m == accum - 1), \
                         torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
