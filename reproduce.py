@@ -11,8 +11,8 @@ continues with the same command):
   2. teacher  train_fm.py  --data toy:posed …            flow matching (Eq. 1), latent cache built on the way
               train_fm.py  --init (its bf16 export) …    the v3.1 continuation: 10,000 more steps from lr 1e-3
               train_fm.py  --init OUT/teacher_v31 …      v3.2, the committed teacher: 12,500 more from lr 1e-3
-  3. cm       train_cm.py  --init OUT/teacher_v31        consistency tuning (Eq. 11), from the v3.1 teacher
-  4. dmd      train_dmd.py --init OUT/toy/transformer_cm distribution matching (Eq. 12–14), v3.1 teacher frozen
+  3. cm       train_cm.py  --init OUT/toy/transformer    consistency tuning (Eq. 11), from the v3.2 teacher
+  4. dmd      train_dmd.py --init OUT/toy/transformer_cm distribution matching (Eq. 12–14), v3.2 teacher frozen
   5. eval     eval.py for each: teacher 50 Euler steps at CFG 2 (100 NFE), CM and DMD 8 few-step steps (8 NFE)
 Every trained model is exported in bf16 into the pipeline folder OUT/toy (transformer/, transformer_cm/,
 transformer_dmd/), the layout of the committed assets/toy, so `python sample.py --ckpt OUT/toy` samples its default.
@@ -44,7 +44,7 @@ FULL = dict(
     teacher3=["--data", "toy:posed", "--n_data", "12000", "--compile", "true", "--steps", "12500", "--lr", "1e-3",
               "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],  # v3.2: v3.1 trained on, a third cosine
     cm=["--data", "toy:posed", "--n_data", "12000", "--guidance", "1", "--steps", "600", "--eval_cases", "0"],
-    dmd=["--data", "toy:posed", "--n_data", "12000", "--steps", "100", "--micro_batch", "4", "--eval_cases", "0"],
+    dmd=["--data", "toy:posed", "--n_data", "12000", "--steps", "200", "--micro_batch", "4", "--eval_cases", "0"],
     bench=[],  # the full ToyCom-Bench v2: 200 composition + 100 editing cases
 )
 QUICK_BENCH = ["--n", "40", "--n_edit", "10"]
@@ -161,14 +161,13 @@ def main(argv=None):
         ("teacher3", os.path.join(pipe, "transformer"),
          trainer("train_fm.py", args.procs) + recipe["teacher3"] + cache + ["--out", os.path.join(out, "fm3"),
                                                                             "--init", v31], "fm3"),
-        # the students are distilled from the v3.1 teacher, as the committed ones (re-distilling them from v3.2 is
-        # issue 28's next step)
         ("cm", os.path.join(pipe, "transformer_cm"),
-         trainer("train_cm.py", args.procs) + recipe["cm"] + cache + ["--out", os.path.join(out, "cm"), "--init", v31],
-         "cm"),
+         trainer("train_cm.py", args.procs) + recipe["cm"] + cache + ["--out", os.path.join(out, "cm"), "--init",
+                                                                      os.path.join(pipe, "transformer")], "cm"),
         ("dmd", os.path.join(pipe, "transformer_dmd"),
-         trainer("train_dmd.py", args.procs) + recipe["dmd"] + cache +
-         ["--out", os.path.join(out, "dmd"), "--teacher", v31, "--init", os.path.join(pipe, "transformer_cm")], "dmd"),
+         trainer("train_dmd.py", args.procs) + recipe["dmd"] + cache + ["--out", os.path.join(out, "dmd"), "--teacher",
+                                                                        os.path.join(pipe, "transformer"), "--init",
+                                                                        os.path.join(pipe, "transformer_cm")], "dmd"),
     ]
     times = {}
     for name, done, cmd, run_dir in stages:
