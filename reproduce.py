@@ -162,12 +162,12 @@ def main(argv=None):
          trainer("train_fm.py", args.procs) + recipe["teacher3"] + cache + ["--out", os.path.join(out, "fm3"),
                                                                             "--init", v31], "fm3"),
         ("cm", os.path.join(pipe, "transformer_cm"),
-         trainer("train_cm.py", args.procs) + recipe["cm"] + cache + ["--out", os.path.join(out, "cm"), "--init",
-                                                                      os.path.join(pipe, "transformer")], "cm"),
+         trainer("train_cm.py", args.procs) + recipe["cm"] + cache + ["--out", os.path.join(out, "cm"),
+                                                                      "--init", os.path.join(pipe, "transformer")], "cm"),
         ("dmd", os.path.join(pipe, "transformer_dmd"),
-         trainer("train_dmd.py", args.procs) + recipe["dmd"] + cache + ["--out", os.path.join(out, "dmd"), "--teacher",
-                                                                        os.path.join(pipe, "transformer"), "--init",
-                                                                        os.path.join(pipe, "transformer_cm")], "dmd"),
+         trainer("train_dmd.py", args.procs) + recipe["dmd"] + cache +
+         ["--out", os.path.join(out, "dmd"), "--teacher", os.path.join(pipe, "transformer"),
+          "--init", os.path.join(pipe, "transformer_cm")], "dmd"),
     ]
     times = {}
     for name, done, cmd, run_dir in stages:
