@@ -43,7 +43,7 @@ FULL = dict(
               "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],  # v3.1: v3 trained on, a second cosine
     teacher3=["--data", "toy:posed", "--n_data", "12000", "--compile", "true", "--steps", "12500", "--lr", "1e-3",
               "--lr_min", "3e-5", "--warmup", "100", "--eval_cases", "0"],  # v3.2: v3.1 trained on, a third cosine
-    cm=["--data", "toy:posed", "--n_data", "12000", "--guidance", "1", "--steps", "600", "--eval_cases", "0"],
+    cm=["--data", "toy:posed", "--n_data", "12000", "--guidance", "0.5", "--steps", "600", "--eval_cases", "0"],
     dmd=["--data", "toy:posed", "--n_data", "12000", "--steps", "200", "--micro_batch", "4", "--eval_cases", "0"],
     bench=[],  # the full ToyCom-Bench v2: 200 composition + 100 editing cases
 )
