@@ -1,12 +1,15 @@
 # Tests import the top-level modules (model.py, pack.py, ...) from the repository root, on the CPU, in a few threads.
 import json
 import os
+import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -41,3 +44,24 @@ def make_tiny_pipeline(root, budget=64 * 64):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     return make_tiny_pipeline(str(tmp_path_factory.mktemp("pipeline")))
+
+
+def torchrun(*args, nproc=2, timeout=300, env=None):
+    """`torchrun --standalone --nproc_per_node=NPROC ARGS` from the repository root (gloo, CPU, one thread per
+    process; `env` adds variables) → CompletedProcess. A worker killed by SIGABRT is a native crash, not a Python
+    error: one was seen in CI (rank 0 of train_cm's 2-step run; 0 in 32 local reruns, 2 at a time included). It
+    gets one rerun and a warning quoting the workers' own lines (faulthandler on, so a crash leaves its Python
+    stack); any other failure, or a second abort, is returned as it is."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONFAULTHANDLER="1", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    for attempt in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+        if r.returncode == 0 or "(SIGABRT)" not in r.stderr or attempt:
+            return r
+        warnings.warn(f"torchrun {os.path.basename(args[0])}: a worker aborted (SIGABRT), rerun once; the workers "
+                      f"said: {workers_said(r)}")
+
+
+def workers_said(r, n=3000):
+    """The end of what the workers wrote to stderr, without torchrun's own ChildFailedError report after it."""
+    return r.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0][-n:]

@@ -14,7 +14,8 @@ import train_cm as C
 import train_common as T
 from pack import target_rows
 
-from test_train import tiny_batch, torchrun
+from conftest import torchrun, workers_said
+from test_train import tiny_batch
 
 
 def tiny_model(seed=0, dtype=torch.float64):
@@ -162,6 +163,6 @@ def test_train_cm_runs_under_torchrun_with_identical_ranks(tiny_pipeline, tmp_pa
                  os.path.join(out, "cache"), "--out", out, "--init", os.path.join(tiny_pipeline, "transformer"),
                  "--steps", "2", "--batch", "4", "--micro_batch", "1", "--eval_cases", "0", "--save_every", "2",
                  "--guidance", "1.0")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, workers_said(r)
     assert "ranks agree" in r.stdout
     M.load_mmdit(os.path.join(out, "ema_transformer"))

@@ -16,7 +16,7 @@ import train_common as T
 import train_dmd as DMD
 from pack import target_rows
 
-from test_train import torchrun
+from conftest import torchrun, workers_said
 
 # -----------------------------------------------------------------------------
 # a 1-D world with analytic scores: teacher = a mixture of two Gaussians, student G_θ(ε) = μ + σ·ε
@@ -180,7 +180,7 @@ def test_train_dmd_runs_under_torchrun(tiny_pipeline, tmp_path):
     r = torchrun("train_dmd.py", "--assets", tiny_pipeline, "--n_data", "8", "--budget", str(64 * 64), "--cache",
                  os.path.join(out, "cache"), "--out", out, "--teacher", init, "--init", init, "--steps", "2",
                  "--batch", "2", "--micro_batch", "1", "--fake_updates", "1", "--eval_cases", "0", "--save_every", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, workers_said(r)
     assert "ranks agree" in r.stdout
     M.load_mmdit(os.path.join(out, "ema_transformer"))
 

@@ -9,7 +9,6 @@ is the probe: it runs a trainer's main() and reports its memory (VmHWM, reset at
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import conftest  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 import sharded as SH  # noqa: E402
@@ -61,17 +61,14 @@ def torchrun(*args, nproc=2, timeout=600, malloc=True):
     """malloc: glibc returns every freed block of 256 KB or more to the system at once (a fixed mmap threshold), so
     resident memory follows the live tensors; by default glibc keeps much of what training frees in its heap and
     resident memory only shows the heap's high-water mark (measured: up to +2F on a resumed step)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    if malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(256 * 1024)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return conftest.torchrun(*args, nproc=nproc, timeout=timeout,
+                             env={"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)} if malloc else None)
 
 
 def probe(trainer, *flags):
     """Run `trainer`'s main() under torchrun through this file's probe; returns ({rank: {phase: bytes}}, result)."""
     r = torchrun(os.path.abspath(__file__), trainer, *flags)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-2000:] + conftest.workers_said(r)
     mem = {}
     for line in r.stdout.splitlines():
         if line.startswith("MEMORY "):
@@ -163,7 +160,7 @@ def test_fsdp_loads_trains_and_resumes_exactly(tiny_pipeline, tmp_path):
                               (b, 1, ("--fsdp", "true")), (b, 2, ("--fsdp", "true", "--resume", "true")),
                               (ddp, 2, ())):
         r = torchrun("train_fm.py", *small_flags(tiny_pipeline, out, init, steps, *extra), malloc=False)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, conftest.workers_said(r)
     assert losses(b) == losses(a) and len(losses(a)) == 2
     assert all(abs(x - y) < 1e-5 * abs(y) for x, y in zip(losses(a), losses(ddp)))
     for name in ("transformer", "ema_transformer"):
@@ -218,7 +215,7 @@ def test_cm_and_dmd_run_sharded(tiny_pipeline, tmp_path, trainer):
     runs = [(1, []), (2, ["--resume", "true"])] if trainer == "dmd_lora" else [(2, [])]
     for steps, extra in runs:
         r = torchrun(script, *common, *flags, "--steps", str(steps), *extra, malloc=False)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, conftest.workers_said(r)
     assert trainer != "dmd_lora" or "resumed from step 1" in r.stdout
     assert os.path.isdir(os.path.join(T.latest_checkpoint(out), "dcp"))
     M.load_mmdit(os.path.join(out, "ema_transformer"))

@@ -13,6 +13,7 @@ import torch
 import model as M
 import train_common as T
 import train_fm as F
+from conftest import torchrun, workers_said
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,18 +192,12 @@ def test_lora_run_changes_only_lora_targets(tiny_pipeline, tmp_path):
     assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for k in changed)
 
 
-def torchrun(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-
-
 def test_ddp_and_fsdp2_match_one_process():
     """Two gloo processes: DDP and FSDP2 (with no-sync accumulation) make the same update as one process on the
     whole batch, and the DDP ranks hold identical weights."""
     r = torchrun(os.path.join(ROOT, "tests", "dist_check.py"), ROOT)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, r.stderr[-2000:]
+    assert line, workers_said(r)
     res = json.loads(line[0][7:])
     assert res["moved"] > 1e-3  # the steps did something
     assert res["ddp_vs_single"] < 1e-5 and res["fsdp_vs_ddp"] < 1e-5 and res["ranks_differ"] == 0.0
@@ -214,7 +209,7 @@ def test_train_fm_runs_under_torchrun(tiny_pipeline, tmp_path):
     r = torchrun("train_fm.py", "--assets", tiny_pipeline, "--n_data", "8", "--budget", str(64 * 64), "--cache",
                  os.path.join(out, "cache"), "--out", out, "--preset", "tiny", "--steps", "2", "--batch", "4",
                  "--micro_batch", "1", "--eval_cases", "0", "--save_every", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, workers_said(r)
     M.load_mmdit(os.path.join(out, "ema_transformer"))
 
 
